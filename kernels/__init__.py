@@ -1,0 +1,1 @@
+"""Triton kernels of trace-ds, installed as ``trace_ds.kernels`` (a top-level ``kernels`` clashes on PyPI)."""

@@ -1,0 +1,196 @@
+"""File I/O shared by every stage: atomic writes, record readers that know where each record came from.
+
+Every output goes through :func:`atomic_write` (temp file in the same folder, fsync, rename), so a crash
+or a bad record never leaves a half-written file behind. Every reader yields ``(Position, record)`` so an
+error can name the file and the line (or row) it is about.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+
+class TraceError(Exception):
+    """An error the user can fix; the CLI prints it without a traceback and exits non-zero."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a record came from: ``file:line`` for text files, ``file:row N`` for tables and datasets."""
+
+    source: str
+    index: int
+    unit: str = "line"  # "line" (1-based text line) or "row" (0-based table row)
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.index}" if self.unit == "line" else f"{self.source}:row {self.index}"
+
+
+class BadRecord(TraceError):
+    """One input record is unusable; carries its position so the message names file and line."""
+
+    def __init__(self, position: Position | None, reason: str):
+        self.position = position
+        self.reason = reason
+        super().__init__(f"{position}: {reason}" if position is not None else reason)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temp file next to ``path``; rename it over ``path`` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def dumps(record: Any) -> str:
+    """One JSONL line: compact, UTF-8 kept readable."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Atomically write records as JSONL; returns how many were written."""
+    count = 0
+    with atomic_write(path) as handle:
+        for record in records:
+            handle.write(dumps(record) + "\n")
+            count += 1
+    return count
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write one pretty-printed JSON document."""
+    with atomic_write(path) as handle:
+        json.dump(obj, handle, ensure_ascii=False, indent=2)
+        handle.write("\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path) as handle:
+        handle.write(text)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise BadRecord(Position(str(path), err.lineno), f"not valid JSON: {err.msg}") from None
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such file") from None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[Position, Any]]:
+    """Yield ``(position, parsed line)``; blank lines are skipped, a non-JSON line raises BadRecord.
+
+    Use :func:`iter_jsonl_lenient` where one bad line should not stop the read.
+    """
+    for position, value in iter_jsonl_lenient(path):
+        if isinstance(value, BadRecord):
+            raise value
+        yield position, value
+
+
+def iter_jsonl_lenient(path: str | os.PathLike) -> Iterator[tuple[Position, Any]]:
+    """Like :func:`iter_jsonl`, but a line that is not JSON is yielded as a BadRecord value."""
+    source = str(path)
+    try:
+        handle = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such file") from None
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            position = Position(source, number)
+            try:
+                yield position, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield position, BadRecord(position, f"not valid JSON ({err.msg} at column {err.colno})")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return path.is_dir() and any(
+        (path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
+
+
+def iter_table_records(
+    source: str, split: str | None = None, streaming: bool = False
+) -> Iterator[tuple[Position, Any]]:
+    """Records of any supported table source, with positions.
+
+    ``source`` is a ``.jsonl`` file, a ``.json`` file holding an array, a ``.parquet`` file, a
+    ``save_to_disk`` folder, or else a Hugging Face hub id (or loader script / data folder) given to
+    ``datasets.load_dataset`` (``streaming`` passes through).
+    """
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix in (".jsonl", ".ndjson"):
+        yield from iter_jsonl_lenient(path)
+    elif path.is_file() and suffix == ".json":
+        data = read_json(path)
+        if not isinstance(data, list):
+            raise BadRecord(Position(source, 1), "a .json pairs file must hold one JSON array of records")
+        for index, item in enumerate(data):
+            yield Position(source, index, "row"), item
+    elif path.is_file() and suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(path)
+        index = 0
+        for batch in table.iter_batches(batch_size=1024):
+            for item in batch.to_pylist():
+                yield Position(source, index, "row"), item
+                index += 1
+    elif is_saved_dataset(path):
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = _pick_split(loaded, split, source)
+        for index, item in enumerate(loaded):
+            yield Position(f"{source}[{loaded.split or split or 'data'}]", index, "row"), item
+    elif path.exists() and not path.is_dir():
+        raise TraceError(f"{source}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet)")
+    else:
+        import datasets
+
+        try:
+            loaded = datasets.load_dataset(source, split=split, streaming=streaming)
+        except Exception as err:  # the datasets library raises many types; name the source in every case
+            raise TraceError(f"{source}: could not load as a file, saved dataset or hub dataset: {err}") from err
+        if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+            loaded = _pick_split(loaded, split, source)
+        for index, item in enumerate(loaded):
+            yield Position(f"{source}[{split or 'train'}]", index, "row"), item
+
+
+def _pick_split(dataset_dict: Any, split: str | None, source: str) -> Any:
+    names = list(dataset_dict.keys())
+    if split is None:
+        if len(names) == 1 or "train" in names:
+            split = names[0] if len(names) == 1 else "train"
+        else:
+            raise TraceError(f"{source}: several splits {names}; choose one with --split")
+    if split not in names:
+        raise TraceError(f"{source}: no split {split!r} (has {names})")
+    return dataset_dict[split]
