@@ -36,9 +36,10 @@ class Position:
 class BadRecord(TraceError):
     """One input record is unusable; carries its position so the message names file and line."""
 
-    def __init__(self, position: Position | None, reason: str):
+    def __init__(self, position: Position | None, reason: str, raw: str | None = None):
         self.position = position
         self.reason = reason
+        self.raw = raw  # the offending text when it could not be parsed at all
         super().__init__(f"{position}: {reason}" if position is not None else reason)
 
 
@@ -111,11 +112,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[Position, Any]]:
 def iter_jsonl_lenient(path: str | os.PathLike) -> Iterator[tuple[Position, Any]]:
     """Like :func:`iter_jsonl`, but a line that is not JSON is yielded as a BadRecord value."""
     source = str(path)
-    try:
-        handle = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise TraceError(f"{path}: no such file") from None
-    with handle:
+    if not Path(path).is_file():
+        raise TraceError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -123,7 +122,12 @@ def iter_jsonl_lenient(path: str | os.PathLike) -> Iterator[tuple[Position, Any]
             try:
                 yield position, json.loads(line)
             except json.JSONDecodeError as err:
-                yield position, BadRecord(position, f"not valid JSON ({err.msg} at column {err.colno})")
+                yield (
+                    position,
+                    BadRecord(
+                        position, f"not valid JSON ({err.msg} at column {err.colno})", raw=line.rstrip("\n")
+                    ),
+                )
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -168,7 +172,7 @@ def iter_table_records(
         if isinstance(loaded, datasets.DatasetDict):
             loaded = _pick_split(loaded, split, source)
         for index, item in enumerate(loaded):
-            yield Position(f"{source}[{loaded.split or split or 'data'}]", index, "row"), item
+            yield Position(source, index, "row"), item
     elif path.exists() and not path.is_dir():
         raise TraceError(f"{source}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet)")
     else:
@@ -177,7 +181,9 @@ def iter_table_records(
         try:
             loaded = datasets.load_dataset(source, split=split, streaming=streaming)
         except Exception as err:  # the datasets library raises many types; name the source in every case
-            raise TraceError(f"{source}: could not load as a file, saved dataset or hub dataset: {err}") from err
+            raise TraceError(
+                f"{source}: could not load as a file, saved dataset or hub dataset: {err}"
+            ) from err
         if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             loaded = _pick_split(loaded, split, source)
         for index, item in enumerate(loaded):

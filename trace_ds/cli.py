@@ -1,0 +1,318 @@
+"""The ``trace-ds`` command: a thin click layer. Each command parses options and calls one stage function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from trace_ds import __version__
+from trace_ds.console import console, key_value_table, print_triage_report
+from trace_ds.io import TraceError
+
+
+class TraceGroup(click.Group):
+    """Turns a TraceError (bad input, bad option) into a one-line message and exit status 2, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TraceError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+def pair_source_options(func: Any) -> Any:
+    """Options every command that reads pairs shares: column remapping, bad-record policy, dataset split."""
+    func = click.option(
+        "--column",
+        "columns",
+        multiple=True,
+        metavar="CANONICAL=SOURCE",
+        help="Read a canonical field from another column, e.g. --column prompt=question (repeatable).",
+    )(func)
+    func = click.option(
+        "--on-bad-record",
+        type=click.Choice(["error", "skip"]),
+        default="error",
+        show_default=True,
+        help="error: stop naming file and line, write nothing. skip: go on, write bad records to <out>.rejects.jsonl.",
+    )(func)
+    func = click.option("--split", default=None, help="Dataset split for a saved dataset or hub id.")(func)
+    return func
+
+
+def _columns(columns: tuple[str, ...]) -> dict[str, str]:
+    from trace_ds.data.pairs import parse_column_map
+
+    return parse_column_map(columns)
+
+
+@click.group(cls=TraceGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="trace-ds")
+def main() -> None:
+    """Realign a language model to a changed policy with TRACE: triage, impact scores, hybrid update."""
+
+
+@main.command()
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder to write the benchmark into."
+)
+@click.option("--pairs", "n_pairs", default=2000, show_default=True, help="Training pairs.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--inversion", default=0.35, show_default=True, help="Share of inversion pairs.")
+@click.option("--suppression", default=0.25, show_default=True, help="Share of suppression pairs.")
+@click.option("--retention", default=0.40, show_default=True, help="Share of retention pairs.")
+@click.option("--eval-prompts", default=300, show_default=True, help="Held-out prompts for TPA.")
+@click.option("--eval-pairs", default=300, show_default=True, help="Held-out pairs.")
+@click.option(
+    "--judge-noise", default=0.0, show_default=True, help="Chance that the offline judge flips a verdict."
+)
+@click.option(
+    "--judge-missing", default=0.0, show_default=True, help="Share of verdict lines missing one side."
+)
+def synth(out: str, n_pairs: int, seed: int, **kwargs: Any) -> None:
+    """Build the synthetic policy-shift benchmark (pairs, verdicts, policies, eval splits, corpus)."""
+    manifest = _build_synth(out, n_pairs, seed, **kwargs)
+    console.print(key_value_table(f"Synthetic benchmark in {out}", _synth_summary(manifest)))
+
+
+def _build_synth(
+    out: str,
+    n_pairs: int,
+    seed: int,
+    inversion: float = 0.35,
+    suppression: float = 0.25,
+    retention: float = 0.40,
+    eval_prompts: int = 300,
+    eval_pairs: int = 300,
+    judge_noise: float = 0.0,
+    judge_missing: float = 0.0,
+) -> dict[str, Any]:
+    from trace_ds.synth.generator import build_benchmark
+
+    total = inversion + suppression + retention
+    if abs(total - 1.0) > 1e-6:
+        raise TraceError(f"--inversion/--suppression/--retention add up to {total:g}; they must add up to 1")
+    return build_benchmark(
+        out,
+        n_pairs=n_pairs,
+        seed=seed,
+        proportions={"inversion": inversion, "suppression": suppression, "retention": retention},
+        n_eval_prompts=eval_prompts,
+        n_eval_pairs=eval_pairs,
+        judge_noise=judge_noise,
+        judge_missing=judge_missing,
+    )
+
+
+def _synth_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for key, value in manifest.get("counts", {}).items():
+        if isinstance(value, dict):
+            rows.update({f"{key}: {k}": v for k, v in value.items()})
+        else:
+            rows[key] = value
+    return rows
+
+
+@main.group()
+def judge() -> None:
+    """Offline judge: export requests, parse responses into verdicts, or run a local model as the judge."""
+
+
+@judge.command("export")
+@click.option("--pairs", "pairs_source", required=True, help="Pairs file, saved dataset or hub id.")
+@click.option(
+    "--policy", required=True, type=click.Path(exists=True, dir_okay=False), help="The NEW policy text."
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Requests JSONL to write.")
+@click.option(
+    "--format", "request_format", type=click.Choice(["openai", "plain"]), default="openai", show_default=True
+)
+@click.option(
+    "--model", default="gpt-4o-mini", show_default=True, help="Judge model named in OpenAI requests."
+)
+@click.option(
+    "--template", type=click.Path(exists=True, dir_okay=False), help="Replace the judge prompt template."
+)
+@pair_source_options
+def judge_export(
+    pairs_source: str,
+    policy: str,
+    out: str,
+    request_format: str,
+    model: str,
+    template: str | None,
+    columns: tuple[str, ...],
+    on_bad_record: str,
+    split: str | None,
+) -> None:
+    """Write one judge request per response (two per pair)."""
+    from trace_ds.data.pairs import read_pairs, write_rejects
+    from trace_ds.io import write_jsonl
+    from trace_ds.judge.export import build_requests, load_template
+
+    pair_set = read_pairs(pairs_source, _columns(columns), on_bad_record, split=split)  # type: ignore[arg-type]
+    requests = list(
+        build_requests(
+            pair_set.pairs,
+            Path(policy).read_text(encoding="utf-8"),
+            load_template(template),
+            request_format,
+            model,
+        )  # type: ignore[arg-type]
+    )
+    write_rejects(out, pair_set.rejects)
+    count = write_jsonl(out, requests)
+    console.print(
+        f"wrote {count} requests for {len(pair_set.pairs)} pairs to {out} ({len(pair_set.rejects)} rejects)"
+    )
+
+
+@judge.command("parse")
+@click.option(
+    "--responses",
+    multiple=True,
+    required=True,
+    help="Judge output JSONL (OpenAI Batch or plain); repeatable.",
+)
+@click.option(
+    "--requests",
+    "requests_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The exported requests, to notice missing responses.",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Verdicts JSONL to write.")
+def judge_parse(responses: tuple[str, ...], requests_path: str | None, out: str) -> None:
+    """Join the judge's two answers per pair into verdicts; list every missing, errored or unparsable one."""
+    from trace_ds.judge.parse import expected_ids, parse_responses, write_parse_result
+
+    result = parse_responses(responses, expected_ids(requests_path) if requests_path else None)
+    console.print(key_value_table("Judge responses", write_parse_result(result, out)))
+
+
+@judge.command("run")
+@click.option("--model", required=True, help="A transformers causal-LM folder or hub id.")
+@click.option("--pairs", "pairs_source", required=True, help="Pairs file, saved dataset or hub id.")
+@click.option(
+    "--policy", required=True, type=click.Path(exists=True, dir_okay=False), help="The NEW policy text."
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Verdicts JSONL to write.")
+@click.option(
+    "--template", type=click.Path(exists=True, dir_okay=False), help="Replace the judge prompt template."
+)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--max-new-tokens", default=96, show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
+@pair_source_options
+def judge_run(
+    model: str,
+    pairs_source: str,
+    policy: str,
+    out: str,
+    template: str | None,
+    batch_size: int,
+    max_new_tokens: int,
+    dtype: str,
+    columns: tuple[str, ...],
+    on_bad_record: str,
+    split: str | None,
+) -> None:
+    """Judge with a local model (greedy, batched, resumable: rerun the same command after a kill)."""
+    from trace_ds.data.pairs import read_pairs, write_rejects
+    from trace_ds.judge.export import load_template
+    from trace_ds.judge.local import run_local_judge
+    from trace_ds.judge.parse import write_parse_result
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise TraceError("--batch-size and --max-new-tokens must be at least 1")
+    pair_set = read_pairs(pairs_source, _columns(columns), on_bad_record, split=split)  # type: ignore[arg-type]
+    result = run_local_judge(
+        model,
+        pair_set.pairs,
+        Path(policy).read_text(encoding="utf-8"),
+        load_template(template),
+        out,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        dtype=dtype,
+    )
+    write_rejects(out, pair_set.rejects)
+    console.print(key_value_table("Local judge", write_parse_result(result, out)))
+
+
+@main.command("triage")
+@click.option(
+    "--pairs", "pairs_source", required=True, help="Pairs file, saved dataset or hub id (old orientation)."
+)
+@click.option(
+    "--verdicts", required=True, type=click.Path(exists=True, dir_okay=False), help="Verdicts JSONL."
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Triaged pairs JSONL to write.")
+@click.option(
+    "--min-confidence",
+    default=0.0,
+    show_default=True,
+    help="Verdicts below this confidence count as unknown.",
+)
+@click.option(
+    "--noise",
+    default=0.0,
+    show_default=True,
+    help="Give this fraction of judged pairs a random other category.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed for --noise.")
+@pair_source_options
+def triage_command(
+    pairs_source: str,
+    verdicts: str,
+    out: str,
+    min_confidence: float,
+    noise: float,
+    seed: int,
+    columns: tuple[str, ...],
+    on_bad_record: str,
+    split: str | None,
+) -> None:
+    """Sort pairs into inversion / suppression / retention and store them in the new orientation."""
+    from trace_ds.triage import run_triage
+
+    report = run_triage(
+        pairs_source,
+        verdicts,
+        out,
+        _columns(columns),
+        on_bad_record,
+        min_confidence,
+        noise,
+        seed,
+        split,  # type: ignore[arg-type]
+    )
+    print_triage_report(report)
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--pairs", "n_pairs", default=2000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def demo(out: str, n_pairs: int, seed: int) -> None:
+    """The built-in default job: build the synthetic benchmark, triage it, print the report."""
+    from trace_ds.triage import run_triage
+
+    bench = Path(out) / "synth"
+    _build_synth(str(bench), n_pairs, seed)
+    console.print(f"synthetic benchmark written to {bench}")
+    report = run_triage(
+        str(bench / "pairs.jsonl"), str(bench / "verdicts.jsonl"), str(Path(out) / "triaged.jsonl")
+    )
+    print_triage_report(report)
+    console.print(f"triaged pairs: {report['outputs']['triaged']}")
+
+
+if __name__ == "__main__":
+    main()
