@@ -1,0 +1,206 @@
+"""Ghost scores against an fp64 per-pair autograd reference on tiny Llama models, and their invariances."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from trace_ds.config import LoraConfig, ScoreConfig
+from trace_ds.data.tokenize import TokenizedPair
+from trace_ds.io import TraceError
+from trace_ds.losses import relational_loss, sequence_logps, suppression_loss
+from trace_ds.scoring.scorer import GhostScorer, Scored, normalize_weights
+
+VOCAB = 97
+
+
+def tiny_model(tied: bool, seed: int = 0, lora: bool = False) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    from trace_ds.models import attach_lora
+    from trace_ds.tiny import tiny_llama_config
+
+    config = tiny_llama_config(
+        VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random norm weights, so the RMSNorm path is exercised away from w = 1
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.eval()
+    if lora:
+        model = attach_lora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj", "down_proj"), seed=1))
+        with torch.no_grad():  # non-zero B as after some training, so grads through A are exercised too
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.1)
+    return model
+
+
+def random_pairs(n: int, seed: int, prefix: str = "p") -> list[TokenizedPair]:
+    rng = random.Random(seed)
+
+    def ids(k: int) -> list[int]:
+        return [rng.randrange(4, VOCAB) for _ in range(k)]
+
+    return [
+        TokenizedPair(
+            f"{prefix}{i}",
+            [1, *ids(rng.randint(1, 6))],
+            [*ids(rng.randint(1, 7)), 2],
+            [*ids(rng.randint(1, 7)), 2],
+        )
+        for i in range(n)
+    ]
+
+
+def config(**kwargs) -> ScoreConfig:
+    return ScoreConfig(
+        model="in-memory",
+        triaged="in-memory",
+        out="unused",
+        micro_batch=kwargs.pop("micro_batch", 4),
+        kernel=kwargs.pop("kernel", "torch"),
+        **kwargs,
+    )
+
+
+def ghost_scores(model, probe, pairs, categories, cfg: ScoreConfig | None = None) -> list[float]:
+    cfg = cfg or config()
+    scorer = GhostScorer(model, pad_id=0, config=cfg)
+    scorer.probe_gradient(probe)
+    out: list[float] = []
+    for start in range(0, len(pairs), cfg.micro_batch):
+        out += scorer.score(
+            pairs[start : start + cfg.micro_batch], categories[start : start + cfg.micro_batch]
+        )
+    return out
+
+
+def reference_loss(model, pair: TokenizedPair, category: str, cfg: ScoreConfig) -> torch.Tensor:
+    """Per-pair loss with plain autograd, one pair at a time (test reference only)."""
+    logps = []
+    for response in (pair.chosen_ids, pair.rejected_ids):
+        ids = torch.tensor([pair.prompt_ids + response])
+        logits = model(input_ids=ids).logits
+        labels = torch.zeros_like(ids)
+        labels[0, :-1] = ids[0, 1:]
+        mask = torch.zeros(ids.shape, dtype=torch.float64)
+        mask[0, len(pair.prompt_ids) - 1 : ids.shape[1] - 1] = 1
+        logps.append(sequence_logps(logits, labels, mask)[0])
+    rc, rr = (lp - lp.detach() for lp in logps)
+    if category == "suppression":
+        return suppression_loss(rc, rr, cfg.beta)
+    return relational_loss(rc - rr, cfg.beta, cfg.relational)
+
+
+def reference_scores(model, probe, pairs, categories, cfg: ScoreConfig):
+    """fp64 per-pair gradients g_i and G; returns scores, ||g_i|| and ||G||."""
+    model64 = copy.deepcopy(model).double()
+    params = [p for p in model64.parameters() if p.requires_grad]
+    probe_loss = sum(reference_loss(model64, p, "inversion", cfg) for p in probe) / len(probe)
+    grad_j = torch.autograd.grad(probe_loss, params, allow_unused=True)
+    grad_j = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad_j, strict=True)]
+    g_norm = torch.sqrt(sum((g * g).sum() for g in grad_j))
+    scores, norms = [], []
+    for pair, category in zip(pairs, categories, strict=True):
+        grads = torch.autograd.grad(reference_loss(model64, pair, category, cfg), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        scores.append(float(sum((g * G).sum() for g, G in zip(grads, grad_j, strict=True))))
+        norms.append(float(torch.sqrt(sum((g * g).sum() for g in grads))))
+    return scores, norms, float(g_norm)
+
+
+CASES = {
+    "untied": {"tied": False},
+    "tied": {"tied": True},
+    "lora": {"tied": False, "lora": True},
+    "lora-tied-dpo": {"tied": True, "lora": True, "relational": "dpo"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scores_equal_fp64_per_pair_autograd(case: str) -> None:
+    options = dict(CASES[case])
+    relational = options.pop("relational", "ipo")
+    model = tiny_model(**options)
+    cfg = config(relational=relational, beta=0.5)
+    probe = random_pairs(5, seed=10, prefix="probe")
+    pairs = random_pairs(9, seed=11)
+    categories = ["inversion" if i % 3 else "suppression" for i in range(len(pairs))]
+    got = ghost_scores(model, probe, pairs, categories, cfg)
+    want, norms, g_norm = reference_scores(model, probe, pairs, categories, cfg)
+    errors = [abs(a - b) / (n * g_norm) for a, b, n in zip(got, want, norms, strict=True)]
+    assert max(errors) <= 1e-5, errors
+    assert any(abs(w) > 1e-3 * n * g_norm for w, n in zip(want, norms, strict=True))  # not trivially zero
+
+
+def test_sum_of_scores_is_the_batch_gradient_dot_and_linear_in_g() -> None:
+    model = tiny_model(tied=False)
+    cfg = config()
+    probe, pairs = random_pairs(4, 20, "probe"), random_pairs(6, 21)
+    categories = ["inversion", "suppression"] * 3
+    scores = ghost_scores(model, probe, pairs, categories, cfg)
+    model64 = copy.deepcopy(model).double()
+    params = list(model64.parameters())
+    batch_loss = sum(reference_loss(model64, p, c, cfg) for p, c in zip(pairs, categories, strict=True))
+    probe_loss = sum(reference_loss(model64, p, "inversion", cfg) for p in probe) / len(probe)
+    g_batch = torch.autograd.grad(batch_loss, params)
+    g_probe = torch.autograd.grad(probe_loss, params)
+    expected = float(sum((a * b).sum() for a, b in zip(g_batch, g_probe, strict=True)))
+    assert sum(scores) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+    scorer = GhostScorer(model, 0, cfg)
+    scorer.probe_gradient(probe)
+    scorer.state.store.scale_(3.0)
+    tripled = scorer.score(pairs, categories)
+    assert tripled == pytest.approx([3 * s for s in scores], rel=1e-5, abs=1e-9)
+
+
+def test_padding_and_batch_composition_do_not_change_scores() -> None:
+    model = tiny_model(tied=True)
+    probe, pairs = random_pairs(4, 30, "probe"), random_pairs(8, 31)
+    categories = ["inversion", "suppression"] * 4
+    together = ghost_scores(model, probe, pairs, categories, config(micro_batch=8))
+    alone = ghost_scores(model, probe, pairs, categories, config(micro_batch=1))
+    reordered = ghost_scores(model, probe, pairs[::-1], categories[::-1], config(micro_batch=3))[::-1]
+    _, norms, g_norm = reference_scores(model, probe, pairs, categories, config())
+    for other in (alone, reordered):  # equal up to fp32 summation order, in cosine units
+        errors = [abs(a - b) / (n * g_norm) for a, b, n in zip(together, other, norms, strict=True)]
+        assert max(errors) <= 1e-5, errors
+
+
+def test_weights_clamp_and_normalise_per_category_or_jointly() -> None:
+    def scored() -> list[Scored]:
+        return [
+            Scored("a", "inversion", 2.0),
+            Scored("b", "inversion", -1.0),
+            Scored("c", "inversion", 4.0),
+            Scored("d", "suppression", 1e-6),
+            Scored("e", "suppression", 3e-6),
+        ]
+
+    per_category = scored()
+    normalize_weights(per_category, "per-category", allow_empty=False)
+    assert [s.weight for s in per_category] == pytest.approx([1.0, 0.0, 2.0, 0.5, 1.5])
+    joint = scored()
+    normalize_weights(joint, "joint", allow_empty=False)
+    assert sum(s.weight for s in joint) == pytest.approx(1.0)
+    assert joint[3].weight < 1e-6  # the scale gap that per-category normalisation removes
+
+    empty = [Scored("a", "inversion", 1.0), Scored("d", "suppression", -1.0)]
+    with pytest.raises(TraceError, match="every suppression score is <= 0"):
+        normalize_weights(empty, "per-category", allow_empty=False)
+    normalize_weights(empty, "per-category", allow_empty=True)
+    assert [s.weight for s in empty] == [1.0, 0.0]

@@ -1,0 +1,102 @@
+"""One typed configuration per stage, validated up front: a bad combination fails before any model loads,
+with a message that says how to fix it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from trace_ds.data.tokenize import TokenizeConfig
+from trace_ds.io import TraceError
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the named modules; with LoRA only the adapters are trainable (and scored)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise TraceError(f"--lora-r {self.r}: must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TraceError(f"--lora-dropout {self.dropout}: must be in [0, 1)")
+        if not self.target_modules:
+            raise TraceError("--lora-targets is empty: name at least one module, e.g. q_proj,v_proj")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """``trace-ds score``: impact scores of conflict pairs against a policy probe."""
+
+    model: str
+    triaged: str
+    out: str
+    probe: str | None = None
+    probe_size: int = 64
+    seed: int = 0
+    probe_holdout: bool = False
+    relational: Literal["ipo", "dpo"] = "ipo"
+    beta: float = 0.1
+    normalize: Literal["per-category", "joint"] = "per-category"
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+    micro_batch: int = 8
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    allow_empty: bool = False
+    deepspeed: str | None = None
+    lora: LoraConfig | None = None
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    save_every: int = 4
+    on_bad_record: Literal["error", "skip"] = "error"
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise TraceError(f"--beta {self.beta}: must be positive (IPO's target is 1/(2 beta))")
+        if self.relational not in ("ipo", "dpo"):
+            raise TraceError(f"--relational {self.relational!r}: use ipo or dpo")
+        if self.normalize not in ("per-category", "joint"):
+            raise TraceError(f"--normalize {self.normalize!r}: use per-category or joint")
+        if self.kernel not in ("auto", "triton", "torch"):
+            raise TraceError(f"--kernel {self.kernel!r}: use auto, triton or torch")
+        if self.micro_batch < 1 or self.save_every < 1:
+            raise TraceError("--micro-batch and --save-every must be at least 1")
+        if self.probe is not None and self.probe_holdout:
+            raise TraceError(
+                "--probe-holdout removes the members of a probe built here from the scored set; a --probe file is "
+                "already your own held-out set: drop --probe-holdout, or drop --probe and use --probe-size"
+            )
+        if self.probe is None and self.probe_size < 3:
+            raise TraceError(f"--probe-size {self.probe_size}: must be at least 3 (one pair per category)")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise TraceError(f"--deepspeed {self.deepspeed}: no such file (see ds_configs/)")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a partial result depends on (resume refuses to mix different ones)."""
+        keys = (
+            "model",
+            "triaged",
+            "probe",
+            "probe_size",
+            "seed",
+            "probe_holdout",
+            "relational",
+            "beta",
+            "dtype",
+        )
+        data = {key: getattr(self, key) for key in keys}
+        data["lora"] = asdict(self.lora) if self.lora else None
+        data["tokenize"] = asdict(self.tokenize)
+        return data

@@ -1,0 +1,76 @@
+"""Every loss formula of trace-ds, per sample and UNREDUCED; reduction happens in :func:`reduce_step_loss`.
+
+Conventions (docs/method.md):
+
+* ``logp`` is the **sum** over response tokens of log pi(y_t | x, y_<t); prompt tokens and padding give no term.
+* ``r = logp_theta - logp_ref`` is the implicit reward; ``delta = r(chosen) - r(rejected)``.
+* IPO (the default relational loss) is ``(delta - 1/(2 beta))^2``; DPO is ``-log sigmoid(beta delta)``.
+* NPO on one response is ``-(2/beta) log sigmoid(-beta r)`` (the NPO paper's form, with its 2/beta factor).
+
+The public reference code called the DPO sigmoid loss "IPO" and dropped NPO's 2/beta; both are fixed here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Relational = Literal["ipo", "dpo"]
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probs of ``labels`` under ``logits`` where ``loss_mask`` is 1. Shapes: (N, L, V), (N, L), (N, L).
+
+    ``labels[:, t]`` is the token predicted at position t (already shifted by the caller), so no token is
+    scored twice and prompt/padding positions carry mask 0. Computed in fp32 with a gather, not a full
+    one-hot product.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = torch.gather(logprobs, -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * loss_mask).sum(-1)
+
+
+def ipo_loss(delta: torch.Tensor, beta: float) -> torch.Tensor:
+    return (delta - 1.0 / (2.0 * beta)) ** 2
+
+
+def dpo_loss(delta: torch.Tensor, beta: float) -> torch.Tensor:
+    return -F.logsigmoid(beta * delta)
+
+
+def relational_loss(delta: torch.Tensor, beta: float, kind: Relational = "ipo") -> torch.Tensor:
+    """The relational (preference) loss per pair: IPO by default, DPO as an option."""
+    if kind == "ipo":
+        return ipo_loss(delta, beta)
+    if kind == "dpo":
+        return dpo_loss(delta, beta)
+    raise ValueError(f"unknown relational loss {kind!r}; use 'ipo' or 'dpo'")
+
+
+def npo_loss(reward: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO on one response: -(2/beta) log sigmoid(-beta r). Pushes the response's likelihood below the reference."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * reward)
+
+
+def suppression_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Both responses violate the new policy: NPO on each, summed."""
+    return npo_loss(reward_chosen, beta) + npo_loss(reward_rejected, beta)
+
+
+def reduce_step_loss(
+    conflict_losses: torch.Tensor,
+    conflict_weights: torch.Tensor,
+    retention_kl: torch.Tensor,
+    alpha_kl: float,
+    pairs_in_step: int,
+) -> torch.Tensor:
+    """The one reduction: (sum_i w_i L_i + alpha_kl * sum_j KL_j) / pairs in the global step.
+
+    The denominator is the same on every rank and accumulation step, so the balance between heads does not
+    depend on how pairs fall into micro-batches. Callers pass zeros where a pair is not of that head.
+    """
+    if pairs_in_step <= 0:
+        raise ValueError("pairs_in_step must be positive")
+    return ((conflict_weights * conflict_losses).sum() + alpha_kl * retention_kl.sum()) / pairs_in_step

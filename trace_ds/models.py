@@ -1,0 +1,67 @@
+"""Loading models and tokenizers (a local folder or a hub id), and attaching LoRA adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from trace_ds.config import LoraConfig
+from trace_ds.io import TraceError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name: str, required: bool) -> Any | None:
+    """The model's tokenizer; None when the model has none and none is required (pre-tokenized pairs)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # transformers raises OSError, ValueError, ... for a missing tokenizer
+        if required:
+            raise TraceError(f"{name}: could not load a tokenizer ({err}); text pairs need one") from err
+        return None
+
+
+def load_causal_lm(name: str, dtype: str = "float32") -> nn.Module:
+    """A transformers causal LM in eval mode (no dropout) with every parameter trainable."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    except OSError as err:
+        raise TraceError(f"{name}: could not load a causal LM ({err})") from err
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """Wrap ``model`` with fresh LoRA adapters (seeded); only the adapters stay trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [target for target in lora.target_modules if target not in names]
+    if missing:
+        raise TraceError(f"--lora-targets {','.join(missing)}: no such module in the model")
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        # peft's init: A random (seeded here), B zero, so the adapted model equals the reference at the start
+        # and the scores (through grad_B, which depends on A) are reproducible from the saved initial adapter.
+        torch.manual_seed(lora.seed)
+        peft_model = get_peft_model(model, config)
+    peft_model.eval()
+    return peft_model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,1 @@
+"""Stage 2: impact scores (probe set, ghost dot products, the scoring loop)."""

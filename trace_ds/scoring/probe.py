@@ -1,0 +1,64 @@
+"""The policy-probe set (the paper's "gold batch", Algorithm 2), seeded and written out as full records.
+
+Size B: floor(B/3) retention pairs, floor(B/3) inversion pairs (new orientation), and the rest built from
+suppression prompts: each paired with a compliant response drawn from the pool (retention chosen responses
+and inversion new-chosen responses) as chosen, and its own violating old chosen as rejected. Drawing is
+seeded (the reference code drew unseeded), and the probe file can be passed back with ``--probe``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from trace_ds.data.pairs import Pair
+from trace_ds.io import TraceError
+
+
+def category_of(pair: Pair) -> str:
+    category = pair.extra.get("category")
+    if category not in ("inversion", "suppression", "retention"):
+        raise TraceError(
+            f"{pair.position}: pair {pair.id!r} has no triage category; score reads triaged pairs"
+        )
+    return category
+
+
+def build_probe(pairs: list[Pair], size: int, seed: int) -> list[Pair]:
+    """Algorithm 2. Raises when a category is too small for its share, naming what is missing."""
+    if size < 3:
+        raise TraceError(f"--probe-size {size}: must be at least 3 (one pair per category)")
+    by_category: dict[str, list[Pair]] = {"inversion": [], "suppression": [], "retention": []}
+    for pair in pairs:
+        by_category[category_of(pair)].append(pair)
+    third = size // 3
+    need = {"retention": third, "inversion": third, "suppression": size - 2 * third}
+    for name, count in need.items():
+        if len(by_category[name]) < count:
+            raise TraceError(
+                f"--probe-size {size} needs {count} {name} pairs but the triaged file has {len(by_category[name])}; "
+                "lower --probe-size or pass a curated --probe file"
+            )
+    rng = random.Random(seed)
+    retention = rng.sample(by_category["retention"], need["retention"])
+    inversion = rng.sample(by_category["inversion"], need["inversion"])
+    suppression = rng.sample(by_category["suppression"], need["suppression"])
+    pool = [p.chosen for p in by_category["retention"]] + [p.chosen for p in by_category["inversion"]]
+    if not pool:
+        raise TraceError(
+            "no compliant response (retention or inversion chosen) to build suppression probe pairs from"
+        )
+    probe = [_probe_record(p, p.chosen, p.rejected, p.id) for p in retention + inversion]
+    for pair in suppression:
+        probe.append(_probe_record(pair, rng.choice(pool), pair.chosen, pair.id, prefix="probe-"))
+    return probe
+
+
+def _probe_record(pair: Pair, chosen: object, rejected: object, source_id: str, prefix: str = "") -> Pair:
+    extra = {"category": pair.extra["category"], "probe_source_id": source_id}
+    return replace(pair, id=prefix + pair.id, chosen=chosen, rejected=rejected, extra=extra, position=None)
+
+
+def probe_source_ids(probe: list[Pair]) -> set[str]:
+    """Ids of triaged pairs the probe was built from (for ``--probe-holdout``)."""
+    return {str(p.extra.get("probe_source_id", p.id)) for p in probe}

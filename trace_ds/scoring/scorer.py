@@ -1,0 +1,314 @@
+"""Stage 2: impact scores s_i = <grad L_i, grad J> at the reference weights, with ghost dot products.
+
+One batched forward + backward per micro-batch computes every pair's score at once (pairs do not interact);
+no per-pair gradient is ever formed. At theta_ref the policy is the reference, so the reference log-probs
+are the policy's own, detached: r = logp - logp.detach() is 0 in value with the right gradient, and no
+second model is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trace_ds.config import ScoreConfig
+from trace_ds.console import console, progress
+from trace_ds.data.batching import PairBatch, collate_pairs
+from trace_ds.data.pairs import Pair, read_pairs, write_pairs, write_rejects
+from trace_ds.data.tokenize import TokenizedPair, tokenize_pair
+from trace_ds.io import TraceError, dumps, iter_jsonl_lenient, write_json, write_jsonl
+from trace_ds.losses import relational_loss, sequence_logps, suppression_loss
+from trace_ds.scoring.ghost import GhostState, ProbeGradient, ghost_mode
+from trace_ds.scoring.probe import build_probe, category_of, probe_source_ids
+
+CONFLICT = ("inversion", "suppression")
+
+
+@dataclass
+class Scored:
+    id: str
+    category: str
+    raw_score: float
+    weight: float = 0.0
+
+
+def batch_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of the chosen and rejected rows, from one concatenated forward."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).logits
+    logps = sequence_logps(logits, batch.labels, batch.loss_mask)
+    n = batch.num_pairs
+    return logps[:n], logps[n:]
+
+
+def pair_losses(
+    logp_chosen: torch.Tensor,
+    logp_rejected: torch.Tensor,
+    is_suppression: torch.Tensor,
+    relational: str,
+    beta: float,
+) -> torch.Tensor:
+    """Per-pair loss at theta_ref, routed by mask: relational on inversion/probe pairs, NPO on suppression."""
+    reward_chosen = logp_chosen - logp_chosen.detach()
+    reward_rejected = logp_rejected - logp_rejected.detach()
+    rel = relational_loss(reward_chosen - reward_rejected, beta, relational)  # type: ignore[arg-type]
+    sup = suppression_loss(reward_chosen, reward_rejected, beta)
+    return torch.where(is_suppression, sup, rel)
+
+
+def micro_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class GhostScorer:
+    """Runs the probe pass (G) and the scoring passes over one model. ``store`` decides where G lives."""
+
+    def __init__(
+        self, model: nn.Module, pad_id: int, config: ScoreConfig, store: ProbeGradient | None = None
+    ):
+        self.model = model
+        self.pad_id = pad_id
+        self.config = config
+        self.kernel = resolve_kernel(config.kernel, next(model.parameters()).device)
+        self.state = GhostState("probe", store or ProbeGradient(), self.kernel)
+        self.device = next(model.parameters()).device
+
+    def _run(
+        self, pairs: Sequence[TokenizedPair], suppression: Sequence[bool], weight: float
+    ) -> torch.Tensor:
+        batch = collate_pairs(pairs, self.pad_id).to(self.device)
+        self.state.set_batch(batch.attention_mask)
+        with ghost_mode(self.model, self.state) as covered, torch.enable_grad():
+            self.covered = covered
+            chosen, rejected = batch_logps(self.model, batch)
+            mask = torch.tensor(list(suppression), dtype=torch.bool, device=self.device)
+            losses = pair_losses(chosen, rejected, mask, self.config.relational, self.config.beta)
+            (losses.sum() * weight).backward()
+        assert self.state.scores is not None
+        return self.state.scores
+
+    def probe_gradient(self, probe: Sequence[TokenizedPair], total: int | None = None) -> ProbeGradient:
+        """G = grad of J = (sum of relational losses over the probe) / B, at the loaded weights."""
+        self.state.mode = "probe"
+        denominator = total or len(probe)
+        for chunk in micro_batches(probe, self.config.micro_batch):
+            self._run(chunk, [False] * len(chunk), 1.0 / denominator)
+        self.state.store.zeros_for([p for p in self.model.parameters() if p.requires_grad])
+        return self.state.store
+
+    def score(self, pairs: Sequence[TokenizedPair], categories: Sequence[str]) -> list[float]:
+        """Raw scores of one micro-batch of conflict pairs: row scores of chosen + rejected."""
+        self.state.mode = "score"
+        rows = self._run(pairs, [c == "suppression" for c in categories], 1.0)
+        n = len(pairs)
+        return (rows[:n].double() + rows[n:].double()).tolist()
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``auto``: Triton on CUDA, the torch reference elsewhere. ``triton`` on CPU needs TRITON_INTERPRET=1."""
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if kernel == "triton" and device.type != "cuda":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise TraceError(
+                "--kernel triton on a CPU needs TRITON_INTERPRET=1 (slow; for tests); use --kernel torch"
+            )
+    return kernel
+
+
+def normalize_weights(scored: list[Scored], mode: str, allow_empty: bool) -> None:
+    """max(0, raw), then mean 1 within each conflict category (default) or sum 1 over all (joint, the paper)."""
+    groups = (
+        {c: [s for s in scored if s.category == c] for c in CONFLICT}
+        if mode == "per-category"
+        else {"all": scored}
+    )
+    for name, group in groups.items():
+        if not group:
+            continue
+        clamped = [max(0.0, s.raw_score) for s in group]
+        total = math.fsum(clamped)
+        if total <= 0.0:
+            if not allow_empty:
+                raise TraceError(
+                    f"every {name} score is <= 0: no {name} pair lowers the probe loss to first order, so that "
+                    "category would get no update. Check the probe (does it cover this category?) and --beta; "
+                    "or pass --allow-empty to continue with zero weights"
+                )
+            for s in group:
+                s.weight = 0.0
+            continue
+        scale = len(group) / total if mode == "per-category" else 1.0 / total
+        for s, value in zip(group, clamped, strict=True):
+            s.weight = value * scale
+
+
+def output_paths(out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    stem = out.stem
+    return {
+        "scores": out,
+        "meta": out.with_name(f"{stem}.meta.json"),
+        "probe": out.with_name(f"{stem}.probe.jsonl"),
+        "partial": out.with_name(f"{stem}.partial.jsonl"),
+        "adapter": out.with_name(f"{stem}.initial_adapter"),
+    }
+
+
+def load_partial(path: Path, fingerprint: dict[str, Any]) -> dict[str, float]:
+    """Raw scores finished by an earlier run of the same settings (a torn last line is ignored)."""
+    if not path.exists():
+        return {}
+    done: dict[str, float] = {}
+    lines = iter_jsonl_lenient(path)
+    header = next(lines, None)
+    if header is None or not isinstance(header[1], dict) or header[1].get("settings") != fingerprint:
+        raise TraceError(
+            f"{path}: partial scores from different settings; rerun with the same options, or delete it to start over"
+        )
+    for _, record in lines:
+        if isinstance(record, dict) and "id" in record and "raw_score" in record:
+            done[record["id"]] = float(record["raw_score"])
+    write_jsonl(path, [header[1], *({"id": k, "raw_score": v} for k, v in done.items())])
+    return done
+
+
+def tokenize_all(pairs: list[Pair], tokenizer: Any, config: ScoreConfig) -> list[TokenizedPair]:
+    return [tokenize_pair(pair, tokenizer, config.tokenize) for pair in pairs]
+
+
+def run_score(config: ScoreConfig) -> dict[str, Any]:
+    """The ``trace-ds score`` stage in one process (see trace_ds.scoring.distributed for ZeRO-3)."""
+    from trace_ds.models import attach_lora, load_causal_lm, load_tokenizer
+
+    started = time.perf_counter()
+    paths = output_paths(config.out)
+    pair_set = read_pairs(config.triaged, on_bad=config.on_bad_record)
+    pairs = pair_set.pairs
+    categories = [category_of(p) for p in pairs]
+    if config.probe:
+        probe = read_pairs(config.probe).pairs
+        built = False
+    else:
+        probe = build_probe(pairs, config.probe_size, config.seed)
+        built = True
+    held_out = probe_source_ids(probe) if config.probe_holdout else set()
+    targets = [
+        (p, c) for p, c in zip(pairs, categories, strict=True) if c in CONFLICT and p.id not in held_out
+    ]
+    if not targets:
+        raise TraceError(f"{config.triaged}: no inversion or suppression pair to score")
+
+    needs_tokenizer = any(p.shape != "tokenized" for p in pairs + probe)
+    tokenizer = load_tokenizer(config.model, required=needs_tokenizer)
+    model = load_causal_lm(config.model, config.dtype)
+    if config.lora:
+        model = attach_lora(model, config.lora)
+    pad_id = _pad_id(tokenizer, model)
+    fingerprint = config.fingerprint()
+    done = load_partial(paths["partial"], fingerprint)
+    todo = [(p, c) for p, c in targets if p.id not in done]
+    if done:
+        console.print(f"resuming: {len(done)} of {len(targets)} pairs already scored in {paths['partial']}")
+
+    scorer = GhostScorer(model, pad_id, config)
+    probe_tokens = tokenize_all(probe, tokenizer, config)
+    t0 = time.perf_counter()
+    scorer.probe_gradient(probe_tokens)
+    probe_seconds = time.perf_counter() - t0
+
+    if not paths["partial"].exists():
+        write_jsonl(paths["partial"], [{"settings": fingerprint}])
+    t0 = time.perf_counter()
+    with open(paths["partial"], "a", encoding="utf-8") as sink, progress() as bar:
+        task = bar.add_task("scoring", total=len(targets), completed=len(done), rate="")
+        pending: list[str] = []
+        for count, chunk in enumerate(micro_batches(todo, config.micro_batch), start=1):
+            tokens = [tokenize_pair(p, tokenizer, config.tokenize) for p, _ in chunk]
+            raw = scorer.score(tokens, [c for _, c in chunk])
+            for (pair, _), value in zip(chunk, raw, strict=True):
+                done[pair.id] = value
+                pending.append(dumps({"id": pair.id, "raw_score": value}))
+            if count % config.save_every == 0:
+                _flush(sink, pending)
+            elapsed = time.perf_counter() - t0
+            bar.update(
+                task,
+                advance=len(chunk),
+                rate=f"{(len(done) - (len(targets) - len(todo))) / max(elapsed, 1e-9):.1f} pairs/s",
+            )
+        _flush(sink, pending)
+    score_seconds = time.perf_counter() - t0
+
+    scored = [Scored(p.id, c, done[p.id]) for p, c in targets]
+    normalize_weights(scored, config.normalize, config.allow_empty)
+    if built:
+        write_pairs(paths["probe"], probe)
+    if config.lora:
+        model.save_pretrained(str(paths["adapter"]))
+    write_rejects(config.out, pair_set.rejects)
+    write_jsonl(paths["scores"], (asdict(s) for s in scored))
+    meta = {
+        "model": config.model,
+        "triaged": config.triaged,
+        "probe": str(paths["probe"]) if built else config.probe,
+        "probe_size": len(probe),
+        "probe_built": built,
+        "probe_holdout": config.probe_holdout,
+        "relational": config.relational,
+        "beta": config.beta,
+        "normalize": config.normalize,
+        "kernel": scorer.kernel,
+        "dtype": config.dtype,
+        "world_size": 1,
+        "lora": asdict(config.lora) if config.lora else None,
+        "initial_adapter": str(paths["adapter"]) if config.lora else None,
+        "scored_pairs": len(scored),
+        "parameters_covered": sum(p.numel() for p in scorer.covered),
+        "rejects": len(pair_set.rejects),
+        "timings": {
+            "probe_gradient_s": round(probe_seconds, 3),
+            "scoring_s": round(score_seconds, 3),
+            "total_s": round(time.perf_counter() - started, 3),
+            "pairs_per_s": round(len(todo) / score_seconds, 3) if score_seconds > 0 and todo else None,
+        },
+    }
+    write_json(paths["meta"], meta)
+    paths["partial"].unlink(missing_ok=True)
+    return meta
+
+
+def _flush(sink: Any, pending: list[str]) -> None:
+    import os
+
+    if pending:
+        sink.write("".join(line + "\n" for line in pending))
+        sink.flush()
+        os.fsync(sink.fileno())
+        pending.clear()
+
+
+def _pad_id(tokenizer: Any | None, model: nn.Module) -> int:
+    """Any valid id works for padding (it is excluded by selection); prefer the tokenizer's pad token."""
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(model.config, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if candidate is not None:
+            return int(candidate)
+    return 0
