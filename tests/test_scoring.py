@@ -204,3 +204,30 @@ def test_weights_clamp_and_normalise_per_category_or_jointly() -> None:
         normalize_weights(empty, "per-category", allow_empty=False)
     normalize_weights(empty, "per-category", allow_empty=True)
     assert [s.weight for s in empty] == [1.0, 0.0]
+
+
+def test_model_level_scores_with_the_triton_kernel() -> None:
+    """--kernel triton runs the fused kernel (under TRITON_INTERPRET=1 here) for every linear layer."""
+    model = tiny_model(tied=False)
+    probe, pairs = random_pairs(3, 40, "probe"), random_pairs(4, 41)
+    categories = ["inversion", "suppression"] * 2
+    with_torch = ghost_scores(model, probe, pairs, categories, config(kernel="torch"))
+    with_triton = ghost_scores(model, probe, pairs, categories, config(kernel="triton"))
+    _, norms, g_norm = reference_scores(model, probe, pairs, categories, config())
+    errors = [abs(a - b) / (n * g_norm) for a, b, n in zip(with_torch, with_triton, norms, strict=True)]
+    assert max(errors) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_scores(lora: bool) -> None:
+    from trace_ds.models import enable_gradient_checkpointing
+
+    model = tiny_model(tied=False, lora=lora)
+    probe, pairs = random_pairs(3, 50, "probe"), random_pairs(5, 51)
+    categories = ["inversion", "suppression", "inversion", "suppression", "inversion"]
+    plain = ghost_scores(model, probe, pairs, categories)
+    enable_gradient_checkpointing(model)
+    checkpointed = ghost_scores(model, probe, pairs, categories)
+    _, norms, g_norm = reference_scores(model, probe, pairs, categories, config())
+    errors = [abs(a - b) / (n * g_norm) for a, b, n in zip(plain, checkpointed, norms, strict=True)]
+    assert max(errors) <= 1e-6, errors

@@ -52,7 +52,10 @@ def _columns(columns: tuple[str, ...]) -> dict[str, str]:
 
 @click.group(cls=TraceGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="trace-ds")
-def main() -> None:
+@click.option(
+    "--local_rank", "--local-rank", type=int, default=None, hidden=True, help="Set by the deepspeed launcher."
+)
+def main(local_rank: int | None) -> None:
     """Realign a language model to a changed policy with TRACE: triage, impact scores, hybrid update."""
 
 
@@ -294,6 +297,117 @@ def triage_command(
         split,  # type: ignore[arg-type]
     )
     print_triage_report(report)
+
+
+def tokenize_options(func: Any) -> Any:
+    """Length caps of the shared tokenisation path (docs/formats.md)."""
+    func = click.option(
+        "--prompt-truncation", type=click.Choice(["left", "right"]), default="left", show_default=True
+    )(func)
+    func = click.option("--max-prompt-length", default=512, show_default=True, help="Prompt token cap.")(func)
+    func = click.option("--max-length", default=1024, show_default=True, help="Prompt + response token cap.")(
+        func
+    )
+    return func
+
+
+def lora_options(func: Any) -> Any:
+    func = click.option(
+        "--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", show_default=True
+    )(func)
+    func = click.option(
+        "--lora-seed", default=0, show_default=True, help="Seed of the adapters' initial values."
+    )(func)
+    func = click.option("--lora-dropout", default=0.0, show_default=True)(func)
+    func = click.option("--lora-alpha", default=16.0, show_default=True)(func)
+    func = click.option("--lora-r", default=8, show_default=True)(func)
+    func = click.option("--lora", is_flag=True, help="Train and score LoRA adapters only.")(func)
+    return func
+
+
+def _lora_config(options: dict[str, Any]) -> Any:
+    from trace_ds.config import LoraConfig
+
+    values = {
+        key: options.pop(key)
+        for key in ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_seed", "lora_targets")
+    }
+    if not values["lora"]:
+        return None
+    targets = tuple(t.strip() for t in values["lora_targets"].split(",") if t.strip())
+    return LoraConfig(
+        values["lora_r"], values["lora_alpha"], values["lora_dropout"], targets, values["lora_seed"]
+    )
+
+
+def _tokenize_config(options: dict[str, Any]) -> Any:
+    from trace_ds.data.tokenize import TokenizeConfig
+
+    return TokenizeConfig(
+        options.pop("max_length"), options.pop("max_prompt_length"), options.pop("prompt_truncation")
+    )
+
+
+@main.command("score")
+@click.option(
+    "--model", required=True, help="A transformers causal-LM folder or hub id (the reference weights)."
+)
+@click.option(
+    "--triaged", required=True, type=click.Path(exists=True, dir_okay=False), help="Triaged pairs JSONL."
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Scores JSONL to write.")
+@click.option(
+    "--probe",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A curated probe file (pairs in new orientation).",
+)
+@click.option(
+    "--probe-size", default=64, show_default=True, help="Probe pairs built by Algorithm 2 (without --probe)."
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the built probe.")
+@click.option("--probe-holdout", is_flag=True, help="Do not score the pairs the built probe was made from.")
+@click.option("--relational", type=click.Choice(["ipo", "dpo"]), default="ipo", show_default=True)
+@click.option("--beta", default=0.1, show_default=True)
+@click.option(
+    "--normalize", type=click.Choice(["per-category", "joint"]), default="per-category", show_default=True
+)
+@click.option(
+    "--kernel",
+    type=click.Choice(["auto", "triton", "torch"]),
+    default="auto",
+    show_default=True,
+    help="auto: Triton on CUDA, torch on CPU.",
+)
+@click.option("--micro-batch", default=8, show_default=True, help="Pairs per forward/backward.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--allow-empty", is_flag=True, help="Continue when a conflict category has no positive score.")
+@click.option(
+    "--deepspeed",
+    "deepspeed_config",
+    type=click.Path(exists=True, dir_okay=False),
+    help="DeepSpeed JSON config (ds_configs/).",
+)
+@click.option(
+    "--save-every", default=4, show_default=True, help="Micro-batches between partial-result saves."
+)
+@click.option("--on-bad-record", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@tokenize_options
+@lora_options
+def score_command(deepspeed_config: str | None, **options: Any) -> None:
+    """Impact scores of inversion and suppression pairs (ghost dot products; resumable)."""
+    from trace_ds.config import ScoreConfig
+    from trace_ds.scoring.scorer import run_score
+
+    config = ScoreConfig(
+        deepspeed=deepspeed_config, lora=_lora_config(options), tokenize=_tokenize_config(options), **options
+    )
+    meta = run_score(config)
+    if meta:
+        console.print(
+            key_value_table(
+                f"Scores written to {config.out}", {k: v for k, v in meta.items() if not isinstance(v, dict)}
+            )
+        )
 
 
 @main.command()

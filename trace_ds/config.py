@@ -60,6 +60,7 @@ class ScoreConfig:
     lora: LoraConfig | None = None
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     save_every: int = 4
+    gradient_checkpointing: bool = False
     on_bad_record: Literal["error", "skip"] = "error"
 
     def __post_init__(self) -> None:

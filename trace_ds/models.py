@@ -65,3 +65,25 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing. transformers only checkpoints in train mode, so the model is
+    put in train mode, which is exact only when no dropout is active: that is checked, not assumed."""
+    config = getattr(model, "config", None)
+    rates = {
+        name: getattr(config, name, 0.0) or 0.0
+        for name in ("attention_dropout", "hidden_dropout", "resid_pdrop")
+    }
+    rates.update({name: module.p for name, module in model.named_modules() if isinstance(module, nn.Dropout)})
+    active = {name: rate for name, rate in rates.items() if rate > 0}
+    if active:
+        raise TraceError(
+            f"gradient checkpointing needs train mode, where dropout would change the result; dropout is active in "
+            f"{sorted(active)[:5]}: set those rates to 0 or run without --gradient-checkpointing"
+        )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    model.train()

@@ -104,14 +104,16 @@ class _GhostLinear(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: GhostState
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, bias)
-        ctx.state = state
+        # Parameters are kept on ctx, not saved: a saved tensor comes back as a new object under activation
+        # checkpointing, and G is keyed by the parameter's identity.
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.bias, ctx.state = weight, bias, state
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        x, weight, bias = ctx.saved_tensors
-        state: GhostState = ctx.state
+        (x,) = ctx.saved_tensors
+        weight, bias, state = ctx.weight, ctx.bias, ctx.state
         grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
         if _param_needs(weight) or _param_needs(bias):
             a, d = state.select(x), state.select(grad_out)
@@ -143,14 +145,14 @@ class _GhostEmbedding(torch.autograd.Function):
     def forward(
         ctx: Any, ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None, state: GhostState
     ) -> torch.Tensor:
-        ctx.save_for_backward(ids, weight)
-        ctx.state = state
+        ctx.save_for_backward(ids)
+        ctx.weight, ctx.state = weight, state
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        ids, weight = ctx.saved_tensors
-        state: GhostState = ctx.state
+        (ids,) = ctx.saved_tensors
+        weight, state = ctx.weight, ctx.state
         if _param_needs(weight):
             assert state.token_index is not None
             rows = ids.reshape(-1).index_select(0, state.token_index)
@@ -175,14 +177,14 @@ class _GhostRMSNorm(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, state: GhostState
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.eps, ctx.state = eps, state
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.eps, ctx.state = weight, eps, state
         return weight * _rms_normalize(x, eps)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        x, weight = ctx.saved_tensors
-        state: GhostState = ctx.state
+        (x,) = ctx.saved_tensors
+        weight, state = ctx.weight, ctx.state
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
             normed = _rms_normalize(leaf, ctx.eps)

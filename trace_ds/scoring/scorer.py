@@ -8,6 +8,7 @@ second model is needed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -99,12 +100,21 @@ class GhostScorer:
         assert self.state.scores is not None
         return self.state.scores
 
+    @property
+    def covered_numel(self) -> int:
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.covered)
+
+    def probe_step(self, pairs: Sequence[TokenizedPair], weight: float) -> None:
+        """Add ``weight`` * grad of the summed relational losses of ``pairs`` to G (weight 0: a dummy step)."""
+        self.state.mode = "probe"
+        self._run(pairs, [False] * len(pairs), weight)
+
     def probe_gradient(self, probe: Sequence[TokenizedPair], total: int | None = None) -> ProbeGradient:
         """G = grad of J = (sum of relational losses over the probe) / B, at the loaded weights."""
         self.state.mode = "probe"
         denominator = total or len(probe)
         for chunk in micro_batches(probe, self.config.micro_batch):
-            self._run(chunk, [False] * len(chunk), 1.0 / denominator)
+            self.probe_step(chunk, 1.0 / denominator)
         self.state.store.zeros_for([p for p in self.model.parameters() if p.requires_grad])
         return self.state.store
 
@@ -191,21 +201,40 @@ def tokenize_all(pairs: list[Pair], tokenizer: Any, config: ScoreConfig) -> list
     return [tokenize_pair(pair, tokenizer, config.tokenize) for pair in pairs]
 
 
+def shard_steps(items: Sequence[Any], rank: int, world: int, micro_batch: int) -> list[Sequence[Any] | None]:
+    """This rank's micro-batches, padded with None (a zero-weight dummy step) so that every rank runs the
+    same number of forward/backward calls: under ZeRO-3 a rank that skipped one would hang the others."""
+    mine = items[rank::world]
+    per_rank = -(-len(items) // world) if items else 0
+    steps = -(-per_rank // micro_batch)
+    chunks: list[Sequence[Any] | None] = list(micro_batches(mine, micro_batch))
+    return chunks + [None] * (steps - len(chunks))
+
+
 def run_score(config: ScoreConfig) -> dict[str, Any]:
-    """The ``trace-ds score`` stage in one process (see trace_ds.scoring.distributed for ZeRO-3)."""
-    from trace_ds.models import attach_lora, load_causal_lm, load_tokenizer
+    """The ``trace-ds score`` stage: one process, or every rank of a ``deepspeed``/``torchrun`` launch."""
+    from trace_ds.engine import Strategy, load_ds_config
+
+    ds_config = (
+        load_ds_config(config.deepspeed, config.micro_batch, dtype=config.dtype) if config.deepspeed else None
+    )
+    strategy = Strategy.create(ds_config)
+    try:
+        return _run_score(config, strategy)
+    finally:
+        strategy.close()
+
+
+def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
+    from trace_ds.models import attach_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 
     started = time.perf_counter()
     paths = output_paths(config.out)
     pair_set = read_pairs(config.triaged, on_bad=config.on_bad_record)
     pairs = pair_set.pairs
     categories = [category_of(p) for p in pairs]
-    if config.probe:
-        probe = read_pairs(config.probe).pairs
-        built = False
-    else:
-        probe = build_probe(pairs, config.probe_size, config.seed)
-        built = True
+    built = config.probe is None
+    probe = build_probe(pairs, config.probe_size, config.seed) if built else read_pairs(config.probe).pairs
     held_out = probe_source_ids(probe) if config.probe_holdout else set()
     targets = [
         (p, c) for p, c in zip(pairs, categories, strict=True) if c in CONFLICT and p.id not in held_out
@@ -218,51 +247,90 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
     model = load_causal_lm(config.model, config.dtype)
     if config.lora:
         model = attach_lora(model, config.lora)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     pad_id = _pad_id(tokenizer, model)
+    module = strategy.prepare_inference(model)
     fingerprint = config.fingerprint()
-    done = load_partial(paths["partial"], fingerprint)
+    done = strategy.broadcast_object(
+        load_partial(paths["partial"], fingerprint) if strategy.is_main else None
+    )
     todo = [(p, c) for p, c in targets if p.id not in done]
-    if done:
+    if done and strategy.is_main:
         console.print(f"resuming: {len(done)} of {len(targets)} pairs already scored in {paths['partial']}")
 
-    scorer = GhostScorer(model, pad_id, config)
+    scorer = GhostScorer(module, pad_id, config, store=strategy.probe_store())
     probe_tokens = tokenize_all(probe, tokenizer, config)
+    dummy = probe_tokens[:1]
     t0 = time.perf_counter()
-    scorer.probe_gradient(probe_tokens)
+    scorer.state.mode = "probe"
+    for chunk in shard_steps(probe_tokens, strategy.rank, strategy.world_size, config.micro_batch):
+        scorer.probe_step(chunk or dummy, 1.0 / len(probe_tokens) if chunk else 0.0)
+    scorer.state.store.zeros_for([p for p in module.parameters() if p.requires_grad])
     probe_seconds = time.perf_counter() - t0
 
-    if not paths["partial"].exists():
+    if strategy.is_main and not paths["partial"].exists():
         write_jsonl(paths["partial"], [{"settings": fingerprint}])
     t0 = time.perf_counter()
-    with open(paths["partial"], "a", encoding="utf-8") as sink, progress() as bar:
-        task = bar.add_task("scoring", total=len(targets), completed=len(done), rate="")
-        pending: list[str] = []
-        for count, chunk in enumerate(micro_batches(todo, config.micro_batch), start=1):
-            tokens = [tokenize_pair(p, tokenizer, config.tokenize) for p, _ in chunk]
-            raw = scorer.score(tokens, [c for _, c in chunk])
-            for (pair, _), value in zip(chunk, raw, strict=True):
-                done[pair.id] = value
-                pending.append(dumps({"id": pair.id, "raw_score": value}))
-            if count % config.save_every == 0:
-                _flush(sink, pending)
-            elapsed = time.perf_counter() - t0
-            bar.update(
-                task,
-                advance=len(chunk),
-                rate=f"{(len(done) - (len(targets) - len(todo))) / max(elapsed, 1e-9):.1f} pairs/s",
-            )
-        _flush(sink, pending)
+    steps = shard_steps(todo, strategy.rank, strategy.world_size, config.micro_batch)
+    with _partial_sink(paths["partial"], strategy.is_main) as sink, progress() as bar:
+        task = bar.add_task(
+            "scoring", total=len(targets), completed=len(done), rate="", visible=strategy.is_main
+        )
+        mine: list[tuple[str, float]] = []
+        for count, chunk in enumerate(steps, start=1):
+            if chunk is None:
+                scorer.score(dummy, ["inversion"])  # keeps every rank's module calls in step
+            else:
+                raw = scorer.score(
+                    [tokenize_pair(p, tokenizer, config.tokenize) for p, _ in chunk], [c for _, c in chunk]
+                )
+                mine += [(pair.id, value) for (pair, _), value in zip(chunk, raw, strict=True)]
+            if count % config.save_every == 0 or count == len(steps):
+                finished = [item for part in strategy.all_gather_object(mine) for item in part]
+                mine = []
+                done.update(finished)
+                if sink is not None:
+                    _flush(sink, [dumps({"id": i, "raw_score": v}) for i, v in finished])
+                elapsed = time.perf_counter() - t0
+                scored_now = len(done) - (len(targets) - len(todo))
+                bar.update(task, completed=len(done), rate=f"{scored_now / max(elapsed, 1e-9):.1f} pairs/s")
     score_seconds = time.perf_counter() - t0
 
-    scored = [Scored(p.id, c, done[p.id]) for p, c in targets]
-    normalize_weights(scored, config.normalize, config.allow_empty)
-    if built:
-        write_pairs(paths["probe"], probe)
+    meta: dict[str, Any] = {}
+    if strategy.is_main:
+        scored = [Scored(p.id, c, done[p.id]) for p, c in targets]
+        normalize_weights(scored, config.normalize, config.allow_empty)
+        if built:
+            write_pairs(paths["probe"], probe)
+        write_rejects(config.out, pair_set.rejects)
+        write_jsonl(paths["scores"], (asdict(s) for s in scored))
+        meta = _metadata(config, paths, probe, built, scorer, strategy, len(scored), len(pair_set.rejects))
+        meta["timings"] = {
+            "probe_gradient_s": round(probe_seconds, 3),
+            "scoring_s": round(score_seconds, 3),
+            "total_s": round(time.perf_counter() - started, 3),
+            "pairs_per_s": round(len(todo) / score_seconds, 3) if score_seconds > 0 and todo else None,
+        }
+        write_json(paths["meta"], meta)
     if config.lora:
-        model.save_pretrained(str(paths["adapter"]))
-    write_rejects(config.out, pair_set.rejects)
-    write_jsonl(paths["scores"], (asdict(s) for s in scored))
-    meta = {
+        _save_adapter(module, paths["adapter"], strategy)
+    if strategy.is_main:
+        paths["partial"].unlink(missing_ok=True)
+    return meta
+
+
+def _metadata(
+    config: ScoreConfig,
+    paths: dict[str, Path],
+    probe: list[Pair],
+    built: bool,
+    scorer: GhostScorer,
+    strategy: Any,
+    n_scored: int,
+    n_rejects: int,
+) -> dict[str, Any]:
+    return {
         "model": config.model,
         "triaged": config.triaged,
         "probe": str(paths["probe"]) if built else config.probe,
@@ -274,22 +342,39 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
         "normalize": config.normalize,
         "kernel": scorer.kernel,
         "dtype": config.dtype,
-        "world_size": 1,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "world_size": strategy.world_size,
+        "zero_stage": strategy.zero_stage,
         "lora": asdict(config.lora) if config.lora else None,
         "initial_adapter": str(paths["adapter"]) if config.lora else None,
-        "scored_pairs": len(scored),
-        "parameters_covered": sum(p.numel() for p in scorer.covered),
-        "rejects": len(pair_set.rejects),
-        "timings": {
-            "probe_gradient_s": round(probe_seconds, 3),
-            "scoring_s": round(score_seconds, 3),
-            "total_s": round(time.perf_counter() - started, 3),
-            "pairs_per_s": round(len(todo) / score_seconds, 3) if score_seconds > 0 and todo else None,
-        },
+        "scored_pairs": n_scored,
+        "parameters_covered": scorer.covered_numel,
+        "probe_gradient_numel_on_rank0": sum(t.numel() for t in scorer.state.store.tensors.values()),
+        "rejects": n_rejects,
     }
-    write_json(paths["meta"], meta)
-    paths["partial"].unlink(missing_ok=True)
-    return meta
+
+
+def _save_adapter(module: nn.Module, path: Path, strategy: Any) -> None:
+    """The initial LoRA adapter the scores depend on; the trainer starts from it."""
+    if strategy.zero_stage == 3:
+        import deepspeed
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if strategy.is_main:
+                module.save_pretrained(str(path))
+    elif strategy.is_main:
+        module.save_pretrained(str(path))
+    strategy.barrier()
+
+
+@contextlib.contextmanager
+def _partial_sink(path: Path, is_main: bool) -> Iterator[Any]:
+    if not is_main:
+        yield None
+        return
+    with open(path, "a", encoding="utf-8") as sink:
+        yield sink
 
 
 def _flush(sink: Any, pending: list[str]) -> None:

@@ -1,0 +1,169 @@
+"""`trace-ds score` end to end on the synthetic benchmark and a tiny model: outputs, probe round trip, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from trace_ds.cli import main
+from trace_ds.io import write_jsonl
+from trace_ds.synth.generator import build_benchmark
+from trace_ds.triage import run_triage
+
+
+@pytest.fixture(scope="module")
+def triaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("score_data")
+    build_benchmark(root / "bench", n_pairs=48, seed=3, n_eval_prompts=8, n_eval_pairs=8)
+    out = root / "triaged.jsonl"
+    run_triage(str(root / "bench" / "pairs.jsonl"), str(root / "bench" / "verdicts.jsonl"), str(out))
+    return out
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def score_args(model: Path, triaged: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "score",
+        "--model",
+        str(model),
+        "--triaged",
+        str(triaged),
+        "--out",
+        str(out),
+        "--probe-size",
+        "9",
+        "--micro-batch",
+        "4",
+        "--max-length",
+        "160",
+        "--max-prompt-length",
+        "64",
+        "--beta",
+        "0.5",
+        "--allow-empty",
+        *extra,
+    ]
+
+
+def test_score_outputs_probe_round_trip_and_holdout(
+    tiny_model_dir: Path, triaged: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "scores.jsonl"
+    result = CliRunner().invoke(main, score_args(tiny_model_dir, triaged, out))
+    assert result.exit_code == 0, result.output
+    conflict = [r["id"] for r in lines(triaged) if r["category"] != "retention"]
+    scores = lines(out)
+    assert [s["id"] for s in scores] == conflict  # one line per conflict pair, in input order
+    for category in ("inversion", "suppression"):
+        group = [s for s in scores if s["category"] == category]
+        weights = [s["weight"] for s in group]
+        assert min(weights) >= 0.0 and all((s["weight"] > 0) == (s["raw_score"] > 0) for s in group)
+        if any(s["raw_score"] > 0 for s in group):  # an untrained model may give a category no positive score
+            assert sum(weights) / len(weights) == pytest.approx(1.0)  # mean 1 within the category
+    meta = json.loads((tmp_path / "scores.meta.json").read_text())
+    assert meta["probe_size"] == 9 and meta["kernel"] == "torch" and meta["world_size"] == 1
+    assert not (tmp_path / "scores.partial.jsonl").exists()
+    probe = lines(tmp_path / "scores.probe.jsonl")
+    assert [p["category"] for p in probe] == ["retention"] * 3 + ["inversion"] * 3 + ["suppression"] * 3
+
+    again = tmp_path / "again.jsonl"
+    result = CliRunner().invoke(
+        main, score_args(tiny_model_dir, triaged, again, "--probe", str(tmp_path / "scores.probe.jsonl"))
+    )
+    assert result.exit_code == 0, result.output
+    assert [s["raw_score"] for s in lines(again)] == pytest.approx(
+        [s["raw_score"] for s in scores], rel=1e-6, abs=1e-9
+    )
+
+    held = tmp_path / "held.jsonl"
+    assert (
+        CliRunner().invoke(main, score_args(tiny_model_dir, triaged, held, "--probe-holdout")).exit_code == 0
+    )
+    sources = {p["probe_source_id"] for p in probe}
+    assert {s["id"] for s in lines(held)} == set(conflict) - sources
+
+
+def test_bad_options_fail_before_loading_anything(
+    tiny_model_dir: Path, triaged: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, score_args(tiny_model_dir, triaged, tmp_path / "s.jsonl", "--beta", "0"))
+    assert result.exit_code == 2 and "--beta 0.0: must be positive" in result.output
+    result = runner.invoke(
+        main,
+        score_args(tiny_model_dir, triaged, tmp_path / "s.jsonl", "--probe", str(triaged), "--probe-holdout"),
+    )
+    assert result.exit_code == 2 and "drop --probe-holdout" in result.output.replace("\n", " ")
+    result = runner.invoke(
+        main,
+        score_args(tiny_model_dir, triaged, tmp_path / "s.jsonl", "--deepspeed", "ds_configs/zero3.json"),
+    )
+    assert result.exit_code == 2 and "enables bf16 but --dtype is float32" in result.output.replace("\n", " ")
+    untriaged = tmp_path / "plain.jsonl"
+    write_jsonl(untriaged, [{"id": "a", "prompt": "Q", "chosen": "A", "rejected": "B"}])
+    result = runner.invoke(main, score_args(tiny_model_dir, untriaged, tmp_path / "s.jsonl"))
+    assert result.exit_code == 2 and "has no triage category" in result.output
+
+
+def test_lora_scores_save_the_initial_adapter(tiny_model_dir: Path, triaged: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lora.jsonl"
+    result = CliRunner().invoke(
+        main,
+        score_args(
+            tiny_model_dir, triaged, out, "--lora", "--lora-r", "2", "--lora-targets", "q_proj,v_proj"
+        ),
+    )
+    assert result.exit_code == 0, result.output
+    adapter = tmp_path / "lora.initial_adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    meta = json.loads((tmp_path / "lora.meta.json").read_text())
+    assert meta["initial_adapter"] == str(adapter)
+    assert 0 < meta["parameters_covered"] < 50_000  # adapters only
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_scoring_continues_to_the_same_result(
+    tiny_model_dir: Path, triaged: Path, tmp_path: Path
+) -> None:
+    reference = tmp_path / "ref" / "s.jsonl"
+    extra = ("--micro-batch", "2", "--save-every", "1")
+    assert CliRunner().invoke(main, score_args(tiny_model_dir, triaged, reference, *extra)).exit_code == 0
+
+    out = tmp_path / "killed" / "s.jsonl"
+    command = [sys.executable, "-m", "trace_ds.cli", *score_args(tiny_model_dir, triaged, out, *extra)]
+    process = subprocess.Popen(
+        command,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    partial = out.with_name("s.partial.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and (not partial.exists() or len(partial.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    finished = len(partial.read_text().splitlines()) - 1
+    total = len(lines(reference))
+    assert 4 <= finished < total, "the run should have been killed part-way"
+
+    result = subprocess.run(command, env=os.environ.copy(), capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stderr
+    assert "resuming:" in result.stderr
+    got, want = lines(out), lines(reference)
+    assert [(g["id"], g["category"]) for g in got] == [(w["id"], w["category"]) for w in want]
+    assert [g["raw_score"] for g in got] == pytest.approx([w["raw_score"] for w in want], rel=1e-6, abs=1e-9)
+    assert [g["weight"] for g in got] == pytest.approx([w["weight"] for w in want], rel=1e-6, abs=1e-9)

@@ -1,0 +1,95 @@
+"""2-rank ZeRO-3 scoring through the `deepspeed` launcher equals the one-process run (hard timeout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from trace_ds.cli import main
+from trace_ds.synth.generator import build_benchmark
+from trace_ds.triage import run_triage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_zero3_two_ranks_equal_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    build_benchmark(tmp_path / "bench", n_pairs=40, seed=5, n_eval_prompts=8, n_eval_pairs=8)
+    triaged = tmp_path / "triaged.jsonl"
+    run_triage(
+        str(tmp_path / "bench" / "pairs.jsonl"), str(tmp_path / "bench" / "verdicts.jsonl"), str(triaged)
+    )
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--triaged",
+        str(triaged),
+        "--probe-size",
+        "7",
+        "--micro-batch",
+        "3",
+        "--max-length",
+        "160",
+        "--max-prompt-length",
+        "64",
+        "--beta",
+        "0.5",
+        "--allow-empty",
+    ]
+
+    one = tmp_path / "one" / "s.jsonl"
+    result = CliRunner().invoke(main, ["score", *args, "--out", str(one)])
+    assert result.exit_code == 0, result.output
+
+    two = tmp_path / "two" / "s.jsonl"
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [
+        str(launcher),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(Path(sys.executable).parent / "trace-ds"),
+        "score",
+        *args,
+        "--out",
+        str(two),
+        "--deepspeed",
+        str(REPO / "ds_configs" / "cpu.json"),
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    run = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=540, start_new_session=True
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    a, b = lines(one), lines(two)
+    assert [x["id"] for x in a] == [x["id"] for x in b]
+    scale = max(abs(x["raw_score"]) for x in a)
+    assert max(abs(x["raw_score"] - y["raw_score"]) for x, y in zip(a, b, strict=True)) <= 1e-5 * scale
+    assert [x["weight"] for x in a] == pytest.approx([y["weight"] for y in b], rel=1e-4, abs=1e-6)
+    meta_one = json.loads((tmp_path / "one" / "s.meta.json").read_text())
+    meta_two = json.loads((tmp_path / "two" / "s.meta.json").read_text())
+    assert (meta_two["world_size"], meta_two["zero_stage"]) == (2, 3)
+    assert meta_two["parameters_covered"] == meta_one["parameters_covered"]
+    # G is partitioned: rank 0 holds about half of it (each tensor's shard is padded to a multiple of 2)
+    assert meta_two["probe_gradient_numel_on_rank0"] <= meta_one["probe_gradient_numel_on_rank0"] // 2 + 64

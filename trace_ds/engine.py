@@ -1,0 +1,228 @@
+"""The DeepSpeed strategy: every DeepSpeed and torch.distributed call of trace-ds lives here.
+
+One process without ``--deepspeed`` runs plain torch. With ``--deepspeed CONFIG`` (launched by ``deepspeed``
+or ``torchrun``) the model is built already partitioned (ZeRO-3 ``zero.Init`` through transformers'
+DeepSpeed integration), wrapped in an engine, and collectives go through this object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trace_ds.io import TraceError
+from trace_ds.scoring.ghost import ProbeGradient
+
+DS_DTYPE_KEYS = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def load_ds_config(
+    path: str, micro_batch: int, grad_accum: int = 1, dtype: str = "float32"
+) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config, fill its "auto" batch fields, and check it agrees with ``dtype``."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise TraceError(f"--deepspeed {path}: {err}") from err
+    config.pop("train_batch_size", None)  # derived by DeepSpeed from the two below and the world size
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = micro_batch
+    if config.get("gradient_accumulation_steps", "auto") == "auto":
+        config["gradient_accumulation_steps"] = grad_accum
+    for name, key in DS_DTYPE_KEYS.items():
+        enabled = bool(config.get(key, {}).get("enabled", False))
+        if enabled and dtype != name:
+            raise TraceError(
+                f"--deepspeed {path} enables {key} but --dtype is {dtype}: pass --dtype {name}, "
+                f'or set "{key}": {{"enabled": false}} in the config (ds_configs/cpu.json does)'
+            )
+        if not enabled and dtype == name:
+            config[key] = {"enabled": True}
+    return config
+
+
+@dataclass
+class Strategy:
+    """Owns distributed set-up, model building and collectives. ``ds_config`` None means one plain process."""
+
+    ds_config: dict[str, Any] | None = None
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _hf_ds_config: Any = None  # keeps transformers' zero.Init switch alive while models are built
+
+    @classmethod
+    def create(cls, ds_config: dict[str, Any] | None) -> Strategy:
+        if ds_config is None:
+            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            return cls(None, 0, 1, device)
+        import deepspeed
+        import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if accelerator.device_name() == "cpu":
+            device = torch.device("cpu")
+        else:
+            accelerator.set_device(local_rank)
+            device = torch.device(accelerator.device_name(), local_rank)
+        strategy = cls(ds_config, dist.get_rank(), dist.get_world_size(), device)
+        if strategy.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            strategy._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        return strategy
+
+    @property
+    def distributed(self) -> bool:
+        return self.ds_config is not None
+
+    @property
+    def zero_stage(self) -> int:
+        return int((self.ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def prepare_inference(self, model: nn.Module) -> nn.Module:
+        """Wrap a model without optimizer: under ZeRO-3 its parameters stay partitioned and are gathered per
+        layer in forward and backward. Returns the module to call."""
+        if not self.distributed:
+            return model.to(self.device)
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=model, config=self.ds_config)
+        return engine.module
+
+    def probe_store(self) -> ProbeGradient:
+        """Where G lives: whole tensors in one process, this rank's shard of each parameter under ZeRO-3."""
+        if self.zero_stage == 3 and self.world_size > 1:
+            return PartitionedProbeGradient(self.rank, self.world_size)
+        if self.distributed and self.world_size > 1:
+            return ReducedProbeGradient()
+        return ProbeGradient()
+
+    # ---- collectives (no-ops in one process) ----
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+        return tensor
+
+    def close(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _full_numel_shape(param: torch.Tensor) -> tuple[int, torch.Size]:
+    if hasattr(param, "ds_numel"):
+        return int(param.ds_numel), param.ds_shape  # type: ignore[attr-defined]
+    return param.numel(), param.shape
+
+
+class ReducedProbeGradient(ProbeGradient):
+    """Replicated G for data parallelism without ZeRO-3 partitioning: each contribution is summed over ranks
+    when it is added (an explicit sum: J is a sum over all probe pairs, not DeepSpeed's average)."""
+
+    def add(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        total = grad.detach().float().contiguous().clone()
+        dist.all_reduce(total)
+        super().add(param, total)
+
+
+class PartitionedProbeGradient(ProbeGradient):
+    """G kept like ZeRO-3 keeps parameters: each rank stores 1/world of every flattened tensor (fp32).
+    ``full`` all-gathers one layer's G when that layer's backward needs it; ``add`` sums a layer's gradient
+    over ranks and keeps this rank's slice. Every rank runs the same layers in the same order, so the
+    collectives match."""
+
+    def __init__(self, rank: int, world_size: int):
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+
+    def _shard_size(self, numel: int) -> int:
+        return -(-numel // self.world_size)
+
+    def add(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        numel, _ = _full_numel_shape(param)
+        shard = self._shard_size(numel)
+        flat = torch.zeros(shard * self.world_size, dtype=torch.float32, device=grad.device)
+        flat[:numel] = grad.detach().reshape(-1).float()
+        mine = torch.empty(shard, dtype=torch.float32, device=grad.device)
+        if dist.get_backend() == "gloo":  # gloo has no reduce_scatter: sum everywhere, keep our slice
+            dist.all_reduce(flat)
+            mine.copy_(flat[self.rank * shard : (self.rank + 1) * shard])
+        else:
+            dist.reduce_scatter_tensor(mine, flat)
+        key = id(param)
+        if key in self.tensors:
+            self.tensors[key] += mine
+        else:
+            self.tensors[key] = mine
+
+    def full(self, param: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        mine = super().full(param)
+        numel, shape = _full_numel_shape(param)
+        if dist.get_backend() == "gloo":
+            parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(parts, mine)
+            gathered = torch.cat(parts)
+        else:
+            gathered = torch.empty(mine.numel() * self.world_size, dtype=mine.dtype, device=mine.device)
+            dist.all_gather_into_tensor(gathered, mine)
+        return gathered[:numel].view(shape)
+
+    def zeros_for(self, params: list[nn.Parameter]) -> None:
+        for param in params:
+            if id(param) not in self.tensors:
+                numel, _ = _full_numel_shape(param)
+                self.tensors[id(param)] = torch.zeros(
+                    self._shard_size(numel), dtype=torch.float32, device=param.device
+                )
+
+    def local_numel(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
