@@ -167,3 +167,68 @@ def test_killed_scoring_continues_to_the_same_result(
     assert [(g["id"], g["category"]) for g in got] == [(w["id"], w["category"]) for w in want]
     assert [g["raw_score"] for g in got] == pytest.approx([w["raw_score"] for w in want], rel=1e-6, abs=1e-9)
     assert [g["weight"] for g in got] == pytest.approx([w["weight"] for w in want], rel=1e-6, abs=1e-9)
+
+
+def test_pretokenized_pairs_need_no_tokenizer(triaged: Path, tmp_path: Path) -> None:
+    """A model folder without tokenizer files scores pre-tokenized pairs (ids used as given)."""
+    import random
+
+    from trace_ds.tiny import build_tiny_llama
+
+    model_dir = tmp_path / "bare_model"
+    build_tiny_llama(model_dir, vocab_size=300)
+    rng = random.Random(0)
+    records = []
+    for record in lines(triaged):
+        ids = [rng.randrange(3, 300) for _ in range(12)]
+        records.append(
+            {
+                "id": record["id"],
+                "prompt_input_ids": [1, *ids[:5]],
+                "chosen_input_ids": [*ids[5:8], 2],
+                "rejected_input_ids": [*ids[8:], 2],
+                "category": record["category"],
+            }
+        )
+    tokenized = tmp_path / "tokenized.jsonl"
+    write_jsonl(tokenized, records)
+    out = tmp_path / "s.jsonl"
+    result = CliRunner().invoke(main, score_args(model_dir, tokenized, out))
+    assert result.exit_code == 0, result.output
+    assert len(lines(out)) == sum(r["category"] != "retention" for r in records)
+    assert not list(model_dir.glob("tokenizer*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_scoring_benchmark_runs_every_arm_and_they_agree(tmp_path: Path) -> None:
+    """Smoke test of `trace-ds bench scoring` at toy sizes: it runs and its arms compute the same scores.
+    (No timing is asserted: performance lives in docs/performance.md.)"""
+    out = tmp_path / "report.json"
+    args = [
+        "bench",
+        "scoring",
+        "--pairs",
+        "6",
+        "--batch",
+        "3",
+        "--probe",
+        "3",
+        "--layers",
+        "1",
+        "--hidden",
+        "64",
+        "--vocab",
+        "256",
+        "--tokens",
+        "24",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [row["arm"] for row in report["arms"]] == ["floor", "ghost", "per-pair", "reference-code"]
+    assert all(diff < 1e-5 for diff in report["max_relative_score_difference_vs_ghost"].values())

@@ -410,6 +410,44 @@ def score_command(deepspeed_config: str | None, **options: Any) -> None:
         )
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks (each arm in its own process; run with nothing else on the machine)."""
+
+
+@bench.command("scoring")
+@click.option("--layers", default=4, show_default=True)
+@click.option("--hidden", default=256, show_default=True)
+@click.option("--vocab", default=8192, show_default=True)
+@click.option("--pairs", "n_pairs", default=64, show_default=True)
+@click.option(
+    "--tokens", default=128, show_default=True, help="Tokens per sequence (prompt + response), about."
+)
+@click.option("--batch", default=16, show_default=True, help="Pairs per micro-batch (ghost and floor arms).")
+@click.option("--probe", default=16, show_default=True, help="Probe pairs.")
+@click.option("--threads", default=2, show_default=True, help="torch threads per arm.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--arms", default="floor,ghost,per-pair,reference-code", show_default=True)
+@click.option("--workdir", default="runs/bench_scoring", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+def bench_scoring(n_pairs: int, arms: str, out: str | None, **settings: Any) -> None:
+    """Ghost scorer vs per-pair methods vs a plain forward + backward: pairs/s, ratios, peak memory."""
+    import shlex
+
+    from trace_ds.bench.scoring import ARMS, markdown_table, run_benchmark
+
+    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
+    unknown = [a for a in chosen if a not in ARMS]
+    if unknown:
+        raise TraceError(f"--arms: unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    report = run_benchmark({**settings, "pairs": n_pairs}, chosen, out)
+    console.print(markdown_table(report), highlight=False, soft_wrap=True)
+    console.print(
+        f"score agreement vs ghost (max |diff| / max |score|): {report['max_relative_score_difference_vs_ghost']}"
+    )
+    console.print("command: trace-ds " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+
+
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--pairs", "n_pairs", default=2000, show_default=True)

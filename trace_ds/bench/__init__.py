@@ -1,0 +1,1 @@
+"""Benchmarks: each arm in its own process, measured figures only."""
