@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,8 @@ from click.testing import CliRunner
 
 from trace_ds.cli import main
 from trace_ds.io import write_jsonl
+
+from .helpers import kill_when_lines, read_lines
 
 SHORT_TEMPLATE = "Policy: {policy}\nUser: {prompt}\nAnswer: {response}\nJSON verdict:"
 
@@ -54,10 +54,6 @@ def judge_args(model: Path, inputs: dict[str, Path], out: Path, *extra: str) -> 
         "8",
         *extra,
     ]
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_local_judge_resumes_and_never_guesses(
@@ -122,20 +118,7 @@ def test_killed_judge_run_continues_to_the_same_result(
         "trace_ds.cli",
         *judge_args(tiny_model_dir, judge_inputs, out, "--batch-size", "1"),
     ]
-    process = subprocess.Popen(
-        command,
-        env=os.environ.copy(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    responses = out.with_name("v.responses.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and (not responses.exists() or len(responses.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    answered = len(responses.read_text().splitlines())
+    answered = kill_when_lines(command, out.with_name("v.responses.jsonl"), 3, wait_s=120)
     assert 3 <= answered < 12, "the run should have been killed part-way"
 
     result = subprocess.run(command, env=os.environ.copy(), capture_output=True, text=True, timeout=240)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,9 @@ from trace_ds.io import write_jsonl
 from trace_ds.synth.generator import build_benchmark
 from trace_ds.triage import run_triage
 
+from .helpers import kill_when_lines
+from .helpers import read_lines as lines
+
 
 @pytest.fixture(scope="module")
 def triaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -26,10 +27,6 @@ def triaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "triaged.jsonl"
     run_triage(str(root / "bench" / "pairs.jsonl"), str(root / "bench" / "verdicts.jsonl"), str(out))
     return out
-
-
-def lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def score_args(model: Path, triaged: Path, out: Path, *extra: str) -> list[str]:
@@ -143,20 +140,8 @@ def test_killed_scoring_continues_to_the_same_result(
 
     out = tmp_path / "killed" / "s.jsonl"
     command = [sys.executable, "-m", "trace_ds.cli", *score_args(tiny_model_dir, triaged, out, *extra)]
-    process = subprocess.Popen(
-        command,
-        env=os.environ.copy(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     partial = out.with_name("s.partial.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and (not partial.exists() or len(partial.read_text().splitlines()) < 5):
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    finished = len(partial.read_text().splitlines()) - 1
+    finished = kill_when_lines(command, partial, 5) - 1
     total = len(lines(reference))
     assert 4 <= finished < total, "the run should have been killed part-way"
 

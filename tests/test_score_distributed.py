@@ -16,6 +16,8 @@ from trace_ds.cli import main
 from trace_ds.synth.generator import build_benchmark
 from trace_ds.triage import run_triage
 
+from .helpers import read_lines as lines
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,10 +25,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.slow

@@ -1,0 +1,35 @@
+"""Small helpers shared by tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def read_lines(path: Path) -> list[dict]:
+    """Every JSONL record of ``path``."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def kill_when_lines(command: list[str], watched: Path, min_lines: int, wait_s: float = 300) -> int:
+    """Start ``command`` in its own process group, SIGKILL the whole group once ``watched`` has at least
+    ``min_lines`` lines, and return how many lines it had then (a crash at the worst moment, for resume tests)."""
+    process = subprocess.Popen(
+        command,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + wait_s
+    while time.time() < deadline and (
+        not watched.exists() or len(watched.read_text().splitlines()) < min_lines
+    ):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    return len(watched.read_text().splitlines())
