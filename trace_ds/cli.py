@@ -410,6 +410,96 @@ def score_command(deepspeed_config: str | None, **options: Any) -> None:
         )
 
 
+@main.command("train")
+@click.option(
+    "--model", required=True, help="The aligned model to realign (folder or hub id); also the reference."
+)
+@click.option(
+    "--triaged", required=True, type=click.Path(exists=True, dir_okay=False), help="Triaged pairs JSONL."
+)
+@click.option(
+    "--scores",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Scores JSONL from trace-ds score.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run folder: checkpoints, metrics, final export.",
+)
+@click.option(
+    "--deepspeed",
+    "deepspeed_config",
+    type=click.Path(exists=True, dir_okay=False),
+    help="DeepSpeed JSON config; default: one process, ZeRO off.",
+)
+@click.option("--relational", type=click.Choice(["ipo", "dpo"]), default="ipo", show_default=True)
+@click.option("--beta", default=0.1, show_default=True)
+@click.option("--alpha-kl", default=1.0, show_default=True, help="Weight of the retention KL head.")
+@click.option("--lr", default=1e-6, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--warmup-ratio", default=0.1, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Passes over the data (default 1 unless --max-steps).")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (cycles epochs as needed).")
+@click.option("--micro-batch", default=4, show_default=True, help="Pairs per micro-batch per rank.")
+@click.option("--grad-accum", default=1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--buffer-size", default=1000, show_default=True, help="Shuffle buffer (records held in memory)."
+)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--lora", is_flag=True, help="Train the LoRA adapter saved by `trace-ds score --lora`.")
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--eval-pairs", type=click.Path(exists=True, dir_okay=False), help="Held-out triaged pairs.")
+@click.option("--eval-every", type=int, default=None, help="Validate every N steps (with --eval-pairs).")
+@click.option(
+    "--best-metric",
+    default="eval_loss",
+    show_default=True,
+    help="eval_loss, eval_inversion_accuracy or eval_inversion_margin.",
+)
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (also on SIGTERM).")
+@click.option(
+    "--keep-last", default=2, show_default=True, help="Checkpoints kept (the best one is kept too)."
+)
+@click.option("--resume", is_flag=True, help="Continue exactly from the last checkpoint in --out.")
+@click.option(
+    "--export-dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Default: the training dtype.",
+)
+@click.option("--merge-lora", is_flag=True, help="Also export the base model with the adapter merged.")
+@click.option("--tensorboard", is_flag=True, help="Also log to <out>/tensorboard (needs tensorboard).")
+@tokenize_options
+def train_command(
+    deepspeed_config: str | None, epochs: int | None, max_steps: int | None, **options: Any
+) -> None:
+    """The hybrid update: IPO/DPO on inversions, NPO on suppressions, KL on retention, impact-weighted."""
+    from trace_ds.config import TrainConfig
+    from trace_ds.train import run_train
+
+    if epochs is None and max_steps is None:
+        epochs = 1
+    config = TrainConfig(
+        deepspeed=deepspeed_config,
+        epochs=epochs,
+        max_steps=max_steps,
+        tokenize=_tokenize_config(options),
+        **options,
+    )
+    summary = run_train(config)
+    if summary.get("export"):
+        console.print(
+            key_value_table(
+                f"Trained model in {config.out}",
+                {k: v for k, v in summary["export"].items() if not isinstance(v, dict)},
+            )
+        )
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks (each arm in its own process; run with nothing else on the machine)."""

@@ -101,3 +101,80 @@ class ScoreConfig:
         data["lora"] = asdict(self.lora) if self.lora else None
         data["tokenize"] = asdict(self.tokenize)
         return data
+
+
+BEST_METRICS = {"eval_loss": "min", "eval_inversion_accuracy": "max", "eval_inversion_margin": "max"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``trace-ds train``: the hybrid update (relational / NPO / KL heads) under a DeepSpeed engine."""
+
+    model: str
+    triaged: str
+    scores: str
+    out: str
+    deepspeed: str | None = None
+    relational: Literal["ipo", "dpo"] = "ipo"
+    beta: float = 0.1
+    alpha_kl: float = 1.0
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    epochs: int | None = None
+    max_steps: int | None = None
+    micro_batch: int = 4
+    grad_accum: int = 1
+    seed: int = 0
+    buffer_size: int = 1000
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: bool = False
+    gradient_checkpointing: bool = False
+    eval_pairs: str | None = None
+    eval_every: int | None = None
+    best_metric: str = "eval_loss"
+    save_every: int | None = None
+    keep_last: int = 2
+    resume: bool = False
+    export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    merge_lora: bool = False
+    tensorboard: bool = False
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.max_steps is not None:
+            raise TraceError("give --epochs or --max-steps, not both (--max-steps cycles epochs as needed)")
+        if (self.epochs is not None and self.epochs < 1) or (
+            self.max_steps is not None and self.max_steps < 1
+        ):
+            raise TraceError("--epochs and --max-steps must be at least 1")
+        if self.beta <= 0 or self.lr <= 0 or self.alpha_kl < 0:
+            raise TraceError("--beta and --lr must be positive and --alpha-kl non-negative")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise TraceError(f"--warmup-ratio {self.warmup_ratio}: must be in [0, 1)")
+        if self.micro_batch < 1 or self.grad_accum < 1 or self.buffer_size < 1 or self.keep_last < 1:
+            raise TraceError("--micro-batch, --grad-accum, --buffer-size and --keep-last must be at least 1")
+        if (self.eval_pairs is None) != (self.eval_every is None):
+            raise TraceError("--eval-pairs and --eval-every go together: give both or neither")
+        if (self.eval_every is not None and self.eval_every < 1) or (
+            self.save_every is not None and self.save_every < 1
+        ):
+            raise TraceError("--eval-every and --save-every must be at least 1")
+        if self.best_metric not in BEST_METRICS:
+            raise TraceError(f"--best-metric {self.best_metric!r}: choose from {', '.join(BEST_METRICS)}")
+        if self.merge_lora and not self.lora:
+            raise TraceError("--merge-lora needs --lora (there is no adapter to merge)")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise TraceError(f"--deepspeed {self.deepspeed}: no such file (see ds_configs/)")
+        for name in ("triaged", "scores"):
+            if not Path(getattr(self, name)).exists():
+                raise TraceError(f"--{name} {getattr(self, name)}: no such file")
+        checkpoints = Path(self.out) / "checkpoints" / "latest"
+        if self.resume and not checkpoints.exists():
+            raise TraceError(
+                f"--resume: no checkpoint in {checkpoints.parent}; run without --resume to start"
+            )
+        if not self.resume and checkpoints.exists():
+            raise TraceError(
+                f"{self.out} already holds checkpoints: pass --resume to continue, or choose a new --out"
+            )

@@ -22,14 +22,42 @@ from trace_ds.scoring.ghost import ProbeGradient
 DS_DTYPE_KEYS = {"bfloat16": "bf16", "float16": "fp16"}
 
 
+DEFAULT_TRAIN_CONFIG: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": 0},
+    "zero_allow_untested_optimizer": True,
+    "wall_clock_breakdown": False,
+}
+
+
+def _single_process_defaults() -> None:
+    """Let a plain ``trace-ds train`` (no launcher) form a one-rank process group."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+
+
 def load_ds_config(
-    path: str, micro_batch: int, grad_accum: int = 1, dtype: str = "float32"
+    path: str | None, micro_batch: int, grad_accum: int = 1, dtype: str = "float32"
 ) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config, fill its "auto" batch fields, and check it agrees with ``dtype``."""
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise TraceError(f"--deepspeed {path}: {err}") from err
+    """Read a DeepSpeed JSON config (None: the built-in one-process config, ZeRO off), fill its "auto" batch
+    fields, and check it agrees with ``dtype``."""
+    if path is None:
+        config = json.loads(json.dumps(DEFAULT_TRAIN_CONFIG))
+    else:
+        try:
+            config = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise TraceError(f"--deepspeed {path}: {err}") from err
     config.pop("train_batch_size", None)  # derived by DeepSpeed from the two below and the world size
     if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         config["train_micro_batch_size_per_gpu"] = micro_batch
@@ -59,6 +87,8 @@ class Strategy:
 
     @classmethod
     def create(cls, ds_config: dict[str, Any] | None) -> Strategy:
+        if ds_config is not None:
+            _single_process_defaults()
         if ds_config is None:
             device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
             return cls(None, 0, 1, device)
@@ -103,6 +133,48 @@ class Strategy:
         engine, *_ = deepspeed.initialize(model=model, config=self.ds_config)
         return engine.module
 
+    def prepare_train(self, model: nn.Module, optimizer: Any, scheduler: Any) -> Any:
+        """The training engine: ZeRO stage, precision, accumulation and clipping from the config. A config
+        without an "optimizer" section trains with the given torch optimizer (no compiled extension)."""
+        import deepspeed
+
+        config = dict(self.ds_config or {})
+        kwargs: dict[str, Any] = {"model": model, "config": config, "lr_scheduler": scheduler}
+        if "optimizer" in config:
+            kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
+        else:
+            config.setdefault("zero_allow_untested_optimizer", True)
+            kwargs["optimizer"] = optimizer
+        engine, *_ = deepspeed.initialize(**kwargs)
+        return engine
+
+    def prepare_reference(self, model: nn.Module) -> nn.Module:
+        """The frozen reference. Under ZeRO-3 a partitioned inference engine without optimizer state (so no
+        rank holds a full replica; the config's offload_param applies); otherwise the model on the device."""
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model.eval()
+        if self.zero_stage != 3:
+            return model.to(self.device)
+        import deepspeed
+
+        config = {k: v for k, v in (self.ds_config or {}).items() if k not in ("optimizer", "scheduler")}
+        zero = dict(config.get("zero_optimization", {}))
+        zero.pop("offload_optimizer", None)
+        config["zero_optimization"] = zero
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine.module
+
+    def grad_norm(self, engine: Any) -> float | None:
+        """The global gradient norm before clipping, where DeepSpeed does not report it (ZeRO off, fp32):
+        there the gradients are whole and already averaged over ranks when the boundary backward returns."""
+        if self.zero_stage != 0:
+            return None
+        squares = [
+            p.grad.detach().float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None
+        ]
+        return float(torch.stack(squares).sum().sqrt()) if squares else None
+
     def probe_store(self) -> ProbeGradient:
         """Where G lives: whole tensors in one process, this rank's shard of each parameter under ZeRO-3."""
         if self.zero_stage == 3 and self.world_size > 1:
@@ -142,6 +214,14 @@ class Strategy:
 
             dist.all_reduce(tensor)
         return tensor
+
+    def all_reduce_max(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64)
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
 
     def close(self) -> None:
         if self.distributed:

@@ -59,6 +59,36 @@ def suppression_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
     return npo_loss(reward_chosen, beta) + npo_loss(reward_rejected, beta)
 
 
+def token_kl(
+    policy_logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    loss_mask: torch.Tensor,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """Per-row mean over masked positions of KL(pi_ref || pi_theta), over the full vocabulary.
+
+    KL_t = sum_v p_ref(v) (log p_ref(v) - log p_theta(v)). Only the masked positions (those predicting the
+    chosen response's tokens) are selected, and the fp32 log-softmax runs on ``chunk_tokens`` of them at a
+    time, so memory holds a chunk, not (rows x length x vocab) in fp32. A row with no masked position gives 0.
+    """
+    rows, length, vocab = policy_logits.shape
+    flat_mask = loss_mask.reshape(-1) > 0
+    index = torch.nonzero(flat_mask, as_tuple=False).squeeze(-1)
+    policy_flat = policy_logits.reshape(-1, vocab)
+    reference_flat = reference_logits.reshape(-1, vocab)
+    per_token = []
+    for start in range(0, index.numel(), chunk_tokens):
+        chunk = index[start : start + chunk_tokens]
+        log_p = torch.log_softmax(policy_flat.index_select(0, chunk).float(), dim=-1)
+        log_q = torch.log_softmax(reference_flat.index_select(0, chunk).float(), dim=-1)
+        per_token.append((log_q.exp() * (log_q - log_p)).sum(-1))
+    counts = flat_mask.reshape(rows, length).sum(-1)
+    if not per_token:
+        return policy_logits.new_zeros(rows, dtype=torch.float32) + 0.0 * policy_logits.sum()
+    sums = torch.segment_reduce(torch.cat(per_token), "sum", lengths=counts)
+    return sums / counts.clamp(min=1)
+
+
 def reduce_step_loss(
     conflict_losses: torch.Tensor,
     conflict_weights: torch.Tensor,

@@ -87,3 +87,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.train()
+
+
+def pad_token_id(tokenizer: Any | None, model: nn.Module) -> int:
+    """Any valid id works for padding (padded positions are excluded by selection); prefer the tokenizer's."""
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(model.config, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -226,7 +226,13 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
 
 
 def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
-    from trace_ds.models import attach_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+    from trace_ds.models import (
+        attach_lora,
+        enable_gradient_checkpointing,
+        load_causal_lm,
+        load_tokenizer,
+        pad_token_id,
+    )
 
     started = time.perf_counter()
     paths = output_paths(config.out)
@@ -249,7 +255,7 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
         model = attach_lora(model, config.lora)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    pad_id = _pad_id(tokenizer, model)
+    pad_id = pad_token_id(tokenizer, model)
     module = strategy.prepare_inference(model)
     fingerprint = config.fingerprint()
     done = strategy.broadcast_object(
@@ -385,15 +391,3 @@ def _flush(sink: Any, pending: list[str]) -> None:
         sink.flush()
         os.fsync(sink.fileno())
         pending.clear()
-
-
-def _pad_id(tokenizer: Any | None, model: nn.Module) -> int:
-    """Any valid id works for padding (it is excluded by selection); prefer the tokenizer's pad token."""
-    for candidate in (
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(model.config, "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-    ):
-        if candidate is not None:
-            return int(candidate)
-    return 0

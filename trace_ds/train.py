@@ -1,0 +1,536 @@
+"""Stage 3: the hybrid update. Stream -> route -> losses -> one reduction -> DeepSpeed step -> metrics.
+
+Every rank runs the same sequence of module calls: one concatenated policy forward and one reference
+forward per micro-batch, whatever the micro-batch holds (a rank without data runs a zero-weight dummy),
+and every rank makes the same number of optimizer steps. Routing is by masks inside that one forward.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trace_ds.config import BEST_METRICS, TrainConfig
+from trace_ds.console import console, progress
+from trace_ds.data.batching import PairBatch, collate_pairs
+from trace_ds.data.pairs import iter_pairs, read_pairs
+from trace_ds.data.stream import PairStream, TrainRecord, load_weights
+from trace_ds.data.tokenize import tokenize_pair
+from trace_ds.io import TraceError, dumps, read_json, write_json, write_text
+from trace_ds.losses import reduce_step_loss, relational_loss, sequence_logps, suppression_loss, token_kl
+
+# Sums reduced across ranks for logging (one tensor, one all-reduce per step).
+STAT_KEYS = (
+    "pairs", "inversion", "inversion_loss", "inversion_margin", "inversion_correct",
+    "suppression", "suppression_loss", "suppression_reward",
+    "retention", "retention_kl", "retention_margin", "retention_correct", "tokens", "step_loss",
+)  # fmt: skip
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float) -> Any:
+    """Linear warm-up then cosine decay to 0, as a multiplier of the base learning rate."""
+    warmup = round(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+    return factor
+
+
+def compute_losses(
+    policy: nn.Module,
+    reference_logits_fn: Any,
+    batch: PairBatch,
+    categories: list[str],
+    weights: torch.Tensor,
+    config: TrainConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair conflict losses, their weights, per-pair retention KL, and the stats vector.
+
+    ``weights`` is 0 for a padding (dummy) pair; the KL of such a pair is masked out the same way.
+    """
+    n = batch.num_pairs
+    logits = policy(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).logits
+    with torch.no_grad():
+        ref_logits = reference_logits_fn(batch)
+    logps = sequence_logps(logits, batch.labels, batch.loss_mask)
+    ref_logps = sequence_logps(ref_logits, batch.labels, batch.loss_mask)
+    rewards = logps - ref_logps
+    r_chosen, r_rejected = rewards[:n], rewards[n:]
+    device = logits.device
+    is_inv = torch.tensor([c == "inversion" for c in categories], device=device)
+    is_sup = torch.tensor([c == "suppression" for c in categories], device=device)
+    is_ret = torch.tensor([c == "retention" for c in categories], device=device)
+    live = weights.to(device) > 0
+    relational = relational_loss(r_chosen - r_rejected, config.beta, config.relational)
+    suppression = suppression_loss(r_chosen, r_rejected, config.beta)
+    zero = torch.zeros_like(relational)
+    conflict = torch.where(is_inv, relational, torch.where(is_sup, suppression, zero))
+    conflict_weights = torch.where(is_inv | is_sup, weights.to(device), zero)
+    kl = token_kl(logits[:n], ref_logits[:n], batch.loss_mask[:n])
+    retention_kl = torch.where(is_ret & live, kl, zero)
+
+    margin = (r_chosen - r_rejected).detach()
+    inv, sup, ret = (is_inv & live).float(), (is_sup & live).float(), (is_ret & live).float()
+    stats = torch.stack(
+        [
+            live.float().sum(),
+            inv.sum(), (relational.detach() * inv).sum(), (margin * inv).sum(), ((margin > 0).float() * inv).sum(),
+            sup.sum(), (suppression.detach() * sup).sum(), ((r_chosen + r_rejected).detach() / 2 * sup).sum(),
+            ret.sum(), (kl.detach() * ret).sum(), (margin * ret).sum(), ((margin > 0).float() * ret).sum(),
+            (batch.attention_mask.sum() * live.any()).float(),
+            torch.zeros((), device=device),
+        ]
+    ).double()  # fmt: skip
+    return conflict, conflict_weights, retention_kl, stats
+
+
+def summarise_stats(stats: torch.Tensor) -> dict[str, float | None]:
+    s = dict(zip(STAT_KEYS, stats.tolist(), strict=True))
+
+    def mean(key: str, count: str) -> float | None:
+        return s[key] / s[count] if s[count] else None
+
+    return {
+        "pairs": s["pairs"],
+        "loss_inversion": mean("inversion_loss", "inversion"),
+        "margin_inversion": mean("inversion_margin", "inversion"),
+        "accuracy_inversion": mean("inversion_correct", "inversion"),
+        "loss_suppression": mean("suppression_loss", "suppression"),
+        "reward_suppression": mean("suppression_reward", "suppression"),
+        "kl_retention": mean("retention_kl", "retention"),
+        "margin_retention": mean("retention_margin", "retention"),
+        "accuracy_retention": mean("retention_correct", "retention"),
+        "tokens": s["tokens"],
+        "loss": s["step_loss"],
+    }
+
+
+class StepData:
+    """Pulls this rank's records for each optimizer step, across epoch boundaries."""
+
+    def __init__(self, stream: PairStream, epochs: int | None):
+        self.stream = stream
+        self.epochs = epochs
+        self._it: Iterator[TrainRecord] | None = None
+
+    def take(self, count: int) -> list[TrainRecord]:
+        records: list[TrainRecord] = []
+        while len(records) < count:
+            if self._it is None:
+                self._it = iter(self.stream)
+            try:
+                records.append(next(self._it))
+            except StopIteration:
+                self._it = None
+                if self.epochs is not None and self.stream.epoch() + 1 >= self.epochs:
+                    break
+                self.stream.next_epoch()
+        return records
+
+
+class Trainer:
+    """Owns the engines, the data and the loop; every DeepSpeed call goes through ``strategy``."""
+
+    def __init__(self, config: TrainConfig):
+        from trace_ds.engine import Strategy, load_ds_config
+
+        self.config = config
+        self.out = Path(config.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        ds_config = load_ds_config(config.deepspeed, config.micro_batch, config.grad_accum, config.dtype)
+        self.strategy = Strategy.create(ds_config)
+        self.stop_requested = False
+
+    # ---- set-up ----
+    def setup(self) -> None:
+        from trace_ds.models import (
+            enable_gradient_checkpointing,
+            load_causal_lm,
+            load_tokenizer,
+            pad_token_id,
+        )
+
+        cfg, strategy = self.config, self.strategy
+        self.weights = load_weights(cfg.scores)
+        meta = _scores_meta(cfg.scores)
+        self.tokenizer = load_tokenizer(cfg.model, required=False)
+        random.seed(cfg.seed + strategy.rank)
+        torch.manual_seed(cfg.seed + strategy.rank)
+        model = load_causal_lm(cfg.model, cfg.dtype)
+        if cfg.lora:
+            model = _load_initial_adapter(model, meta, cfg.scores)
+        elif meta.get("lora"):
+            raise TraceError(
+                f"{cfg.scores} was scored with LoRA adapters; train with --lora (from its initial adapter)"
+            )
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        self.pad_id = pad_token_id(self.tokenizer, model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.stream = PairStream(
+            cfg.triaged, self.weights, rank=strategy.rank, world_size=strategy.world_size,
+            buffer_size=cfg.buffer_size, seed=cfg.seed,
+        )  # fmt: skip
+        self.total_steps = self._total_steps()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.total_steps, cfg.warmup_ratio)
+        )
+        self.engine = strategy.prepare_train(model, optimizer, scheduler)
+        if cfg.lora:
+            self.reference = None
+        else:
+            self.reference = strategy.prepare_reference(load_causal_lm(cfg.model, cfg.dtype))
+        self.data = StepData(self.stream, cfg.epochs if cfg.max_steps is None else None)
+        self.step = 0
+        self.best: dict[str, Any] = {}
+        self.eval_records = self._eval_records()
+
+    def _total_steps(self) -> int:
+        cfg = self.config
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        eligible = self.stream.count_eligible()
+        if eligible == 0:
+            raise TraceError(f"{cfg.triaged}: no pair to train on (every conflict pair has weight 0?)")
+        per_rank = -(-eligible // self.strategy.world_size)
+        return -(-(per_rank * (cfg.epochs or 1)) // (cfg.micro_batch * cfg.grad_accum))
+
+    def _eval_records(self) -> list[TrainRecord]:
+        if self.config.eval_pairs is None:
+            return []
+        pairs = read_pairs(self.config.eval_pairs).pairs
+        return [TrainRecord(p, str(p.extra.get("category")), 1.0) for p in pairs]
+
+    def reference_logits(self, batch: PairBatch) -> torch.Tensor:
+        kwargs = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids,
+            "use_cache": False,
+        }
+        if self.reference is None:  # LoRA: the base model with the adapters disabled
+            with self.engine.module.disable_adapter():
+                return self.engine.module(**kwargs).logits
+        return self.reference(**kwargs).logits
+
+    def _batch(self, records: list[TrainRecord]) -> tuple[PairBatch, list[str], torch.Tensor]:
+        tokens = [tokenize_pair(r.pair, self.tokenizer, self.config.tokenize) for r in records]
+        batch = collate_pairs(tokens, self.pad_id).to(self.strategy.device)
+        weights = torch.tensor([r.weight for r in records], dtype=torch.float32)
+        return batch, [r.category for r in records], weights
+
+    # ---- the loop ----
+    def run(self) -> dict[str, Any]:
+        cfg, strategy = self.config, self.strategy
+        self.setup()
+        if cfg.resume:
+            self.load_checkpoint()
+        metrics_path = self.out / "metrics.jsonl"
+        self.out.mkdir(parents=True, exist_ok=True)
+        if strategy.is_main:
+            _truncate_metrics(metrics_path, self.step)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        per_step = cfg.micro_batch * cfg.grad_accum
+        dummy: list[TrainRecord] | None = None
+        try:
+            with progress() as bar, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+                task = bar.add_task(
+                    "training", total=self.total_steps, completed=self.step, rate="", visible=strategy.is_main
+                )
+                while self.step < self.total_steps:
+                    started = time.perf_counter()
+                    records = self.data.take(per_step)
+                    if records and dummy is None:
+                        dummy = [TrainRecord(records[0].pair, records[0].category, 0.0)]
+                    pairs_in_step = strategy.all_reduce_sum(
+                        torch.tensor([float(len(records))], dtype=torch.float64)
+                    )
+                    if pairs_in_step.item() == 0:
+                        break  # every rank is out of data
+                    if dummy is None:  # this rank never had data: borrow any pair as a zero-weight dummy
+                        dummy = self._any_dummy()
+                    stats = self._train_step(records, dummy, int(pairs_in_step.item()))
+                    self.step += 1
+                    elapsed = time.perf_counter() - started
+                    line = {
+                        "step": self.step,
+                        "epoch": self.stream.epoch(),
+                        **self._step_metrics(stats, elapsed),
+                    }
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        line.update(self.evaluate())
+                    if strategy.is_main:
+                        metrics_file.write(dumps(line) + "\n")
+                        metrics_file.flush()
+                        if cfg.tensorboard:
+                            self._tensorboard(line)
+                    bar.update(
+                        task,
+                        completed=self.step,
+                        rate=f"{line['tokens_per_s']:.0f} tok/s loss {line['loss']:.4g}",
+                    )
+                    stop = strategy.all_reduce_max(1.0 if self.stop_requested else 0.0) > 0
+                    new_best = bool(
+                        cfg.eval_every and self.step % cfg.eval_every == 0 and self._is_best(line)
+                    )
+                    if stop or new_best or (cfg.save_every and self.step % cfg.save_every == 0):
+                        self.save_checkpoint(line)
+                    if stop:
+                        console.print(
+                            f"SIGTERM: checkpoint written at step {self.step}; resume with --resume"
+                        )
+                        return {"stopped_at": self.step}
+            summary = {"steps": self.step, "stream": self.stream.counts()}
+            self.export(summary)
+            return summary
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            strategy.close()
+
+    def _any_dummy(self) -> list[TrainRecord]:
+        records = self.eval_records or []
+        if records:
+            return [TrainRecord(records[0].pair, records[0].category, 0.0)]
+        first = next(iter_pairs(self.config.triaged))
+        return [TrainRecord(first, str(first.extra.get("category")), 0.0)]
+
+    def _train_step(
+        self, records: list[TrainRecord], dummy: list[TrainRecord], pairs_in_step: int
+    ) -> torch.Tensor:
+        cfg, strategy = self.config, self.strategy
+        stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+        for micro in range(cfg.grad_accum):
+            chunk = records[micro * cfg.micro_batch : (micro + 1) * cfg.micro_batch] or dummy
+            batch, categories, weights = self._batch(chunk)
+            conflict, conflict_w, kl, micro_stats = compute_losses(
+                self.engine, self.reference_logits, batch, categories, weights, cfg
+            )
+            # The one reduction; x world_size because DeepSpeed averages gradients over ranks, while the step
+            # loss is a sum over the global step's pairs divided by their number.
+            loss = (
+                reduce_step_loss(conflict, conflict_w, kl, cfg.alpha_kl, pairs_in_step) * strategy.world_size
+            )
+            if strategy.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
+                raise TraceError(
+                    f"the loss became {loss.item()} at step {self.step + 1}: training stopped. The last good "
+                    f"checkpoint is {self._latest_tag() or 'none'} in {self.ckpt_dir}; lower --lr or check the data"
+                )
+            self.engine.backward(loss, scale_wrt_gas=False)
+            if micro == cfg.grad_accum - 1:
+                self._grad_norm = strategy.grad_norm(self.engine)
+            self.engine.step()
+            micro_stats[STAT_KEYS.index("step_loss")] = loss.detach().double() / strategy.world_size
+            stats += micro_stats.cpu()
+        return strategy.all_reduce_sum(stats)
+
+    def _step_metrics(self, stats: torch.Tensor, elapsed: float) -> dict[str, Any]:
+        summary = summarise_stats(stats)
+        norm = self.engine.get_global_grad_norm()
+        norm = norm if norm is not None else self._grad_norm
+        return {
+            "loss": summary.pop("loss"),
+            **{k: v for k, v in summary.items() if k != "tokens"},
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(norm) if norm is not None else None,
+            "tokens_per_s": summary["tokens"] / max(elapsed, 1e-9),
+        }
+
+    # ---- evaluation ----
+    def evaluate(self) -> dict[str, Any]:
+        """Per-category loss, reward margin and accuracy on the held-out pairs (every rank, same calls)."""
+        cfg, strategy = self.config, self.strategy
+        records = self.eval_records[strategy.rank :: strategy.world_size]
+        steps = -(-len(self.eval_records) // strategy.world_size) if self.eval_records else 0
+        steps = -(-steps // cfg.micro_batch)
+        stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+        self.engine.eval()
+        with torch.no_grad():
+            for index in range(steps):
+                chunk = records[index * cfg.micro_batch : (index + 1) * cfg.micro_batch]
+                live = chunk or [TrainRecord(self.eval_records[0].pair, self.eval_records[0].category, 0.0)]
+                batch, categories, weights = self._batch(live)
+                *_, micro = compute_losses(
+                    self.engine, self.reference_logits, batch, categories, weights, cfg
+                )
+                stats += micro.cpu()
+        self.engine.train()
+        stats = strategy.all_reduce_sum(stats)
+        summary = summarise_stats(stats)
+        s = dict(zip(STAT_KEYS, stats.tolist(), strict=True))
+        total = s["inversion"] + s["suppression"] + s["retention"]
+        loss = (s["inversion_loss"] + s["suppression_loss"] + cfg.alpha_kl * s["retention_kl"]) / max(
+            total, 1.0
+        )
+        out = {f"eval_{k}": v for k, v in summary.items() if k not in ("tokens", "pairs", "loss")}
+        out["eval_loss"] = loss
+        out["eval_inversion_accuracy"] = summary["accuracy_inversion"]
+        out["eval_inversion_margin"] = summary["margin_inversion"]
+        return out
+
+    def _is_best(self, line: dict[str, Any]) -> bool:
+        metric = self.config.best_metric
+        value = line.get(metric)
+        if value is None:
+            return False
+        better = BEST_METRICS[metric] == "min"
+        current = self.best.get("value")
+        if current is None or (value < current if better else value > current):
+            self.best = {"metric": metric, "value": value, "step": self.step}
+            return True
+        return False
+
+    # ---- checkpoints ----
+    def _latest_tag(self) -> str | None:
+        latest = self.ckpt_dir / "latest"
+        return latest.read_text().strip() if latest.exists() else None
+
+    def save_checkpoint(self, line: dict[str, Any]) -> None:
+        """DeepSpeed checkpoint + this rank's stream and RNG state; ``latest`` is written last, atomically, and
+        older checkpoints are removed only after that (the best one is kept)."""
+        strategy = self.strategy
+        tag = f"step_{self.step:08d}"
+        if (
+            self.config.eval_every
+            and line.get(self.config.best_metric) is not None
+            and self.best.get("step") == self.step
+        ):
+            self.best["tag"] = tag
+        client = {"step": self.step, "best": self.best, "config": _jsonable(asdict(self.config))}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        rank_state = {
+            "stream": self.stream.state_dict(),
+            "python_random": random.getstate(),
+            "torch_cpu": torch.get_rng_state(),
+            "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        _atomic_torch_save(rank_state, self.ckpt_dir / tag / f"trace_state_rank{strategy.rank}.pt")
+        strategy.barrier()
+        if strategy.is_main:
+            write_text(self.ckpt_dir / "latest", tag)
+            if self.best.get("tag"):
+                write_json(self.ckpt_dir / "best.json", self.best)
+            self._rotate(keep={tag, self.best.get("tag")})
+        strategy.barrier()
+
+    def _rotate(self, keep: set[str | None]) -> None:
+        import shutil
+
+        tags = sorted(p.name for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+        recent = set(tags[-self.config.keep_last :])
+        for name in tags:
+            if name not in recent and name not in keep:
+                shutil.rmtree(self.ckpt_dir / name, ignore_errors=True)
+
+    def load_checkpoint(self) -> None:
+        tag = self._latest_tag()
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if path is None:
+            raise TraceError(f"--resume: could not load checkpoint {tag} from {self.ckpt_dir}")
+        self.step = int(client["step"])
+        self.best = client.get("best") or {}
+        state_file = self.ckpt_dir / str(tag) / f"trace_state_rank{self.strategy.rank}.pt"
+        if not state_file.exists():
+            raise TraceError(
+                f"--resume: {state_file} is missing (was the checkpoint made with another world size?)"
+            )
+        state = torch.load(state_file, weights_only=False)
+        self.stream.load_state_dict(state["stream"])
+        random.setstate(state["python_random"])
+        torch.set_rng_state(state["torch_cpu"])
+        if state["torch_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["torch_cuda"])
+        if self.strategy.is_main:
+            console.print(f"resumed from {self.ckpt_dir / str(tag)} at step {self.step}")
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def _tensorboard(self, line: dict[str, Any]) -> None:
+        if not hasattr(self, "_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise TraceError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from err
+            self._writer = SummaryWriter(str(self.out / "tensorboard"))
+        for key, value in line.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self._writer.add_scalar(key, value, self.step)
+
+    # ---- export ----
+    def export(self, summary: dict[str, Any]) -> None:
+        from trace_ds.export import export_trained
+
+        summary["export"] = export_trained(self, self.out / "final")
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint's step (they will be recomputed)."""
+    if not path.exists():
+        return
+    import json
+
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _scores_meta(scores: str) -> dict[str, Any]:
+    path = Path(scores)
+    meta_path = path.with_name(f"{path.stem}.meta.json")
+    return read_json(meta_path) if meta_path.exists() else {}
+
+
+def _load_initial_adapter(model: nn.Module, meta: dict[str, Any], scores: str) -> nn.Module:
+    """LoRA training starts from the adapter the scores were computed with (saved by ``trace-ds score``)."""
+    from peft import PeftModel
+
+    adapter = meta.get("initial_adapter")
+    if not meta.get("lora") or not adapter or not Path(adapter).is_dir():
+        raise TraceError(
+            f"--lora: {scores} was not scored with LoRA (no initial adapter beside it); score with --lora first, "
+            "so the weights and the trained adapters start from the same values"
+        )
+    return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+
+
+def run_train(config: TrainConfig) -> dict[str, Any]:
+    return Trainer(config).run()
