@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,9 @@ class Strategy:
         from deepspeed.accelerator import get_accelerator
 
         accelerator = get_accelerator()
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+        timeout = os.environ.get("TRACE_DS_DIST_TIMEOUT_S")  # a short one in tests: a hang fails fast
+        kwargs = {"timeout": timedelta(seconds=float(timeout))} if timeout else {}
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), **kwargs)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if accelerator.device_name() == "cpu":
             device = torch.device("cpu")

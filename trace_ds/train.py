@@ -8,6 +8,7 @@ and every rank makes the same number of optimizer steps. Routing is by masks ins
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import time
@@ -34,6 +35,9 @@ STAT_KEYS = (
     "suppression", "suppression_loss", "suppression_reward",
     "retention", "retention_kl", "retention_margin", "retention_correct", "tokens", "step_loss",
 )  # fmt: skip
+
+
+_FAULT_NAN_STEP = int(os.environ.get("TRACE_DS_FAULT_NAN_AT_STEP", "0"))
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float) -> Any:
@@ -330,6 +334,8 @@ class Trainer:
             loss = (
                 reduce_step_loss(conflict, conflict_w, kl, cfg.alpha_kl, pairs_in_step) * strategy.world_size
             )
+            if self.step + 1 == _FAULT_NAN_STEP:  # fault injection for the NaN-guard test (docs/testing.md)
+                loss = loss * float("nan")
             if strategy.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
                 raise TraceError(
                     f"the loss became {loss.item()} at step {self.step + 1}: training stopped. The last good "
@@ -338,6 +344,7 @@ class Trainer:
             self.engine.backward(loss, scale_wrt_gas=False)
             if micro == cfg.grad_accum - 1:
                 self._grad_norm = strategy.grad_norm(self.engine)
+                self._lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves in step())
             self.engine.step()
             micro_stats[STAT_KEYS.index("step_loss")] = loss.detach().double() / strategy.world_size
             stats += micro_stats.cpu()
@@ -350,7 +357,7 @@ class Trainer:
         return {
             "loss": summary.pop("loss"),
             **{k: v for k, v in summary.items() if k != "tokens"},
-            "lr": self.engine.get_lr()[0],
+            "lr": self._lr,
             "grad_norm": float(norm) if norm is not None else None,
             "tokens_per_s": summary["tokens"] / max(elapsed, 1e-9),
         }

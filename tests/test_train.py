@@ -1,0 +1,249 @@
+"""The trainer end to end on the synthetic benchmark and a tiny model (each run in its own process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trace_ds.io import write_jsonl
+from trace_ds.synth.generator import build_benchmark
+from trace_ds.triage import run_triage
+
+from .helpers import kill_when_lines, read_lines
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train_data")
+    build_benchmark(root / "bench", n_pairs=64, seed=7, n_eval_prompts=8, n_eval_pairs=48)
+    run_triage(
+        str(root / "bench" / "pairs.jsonl"),
+        str(root / "bench" / "verdicts.jsonl"),
+        str(root / "triaged.jsonl"),
+    )
+    run_triage(
+        str(root / "bench" / "eval" / "pairs.jsonl"),
+        str(root / "bench" / "eval" / "verdicts.jsonl"),
+        str(root / "eval.jsonl"),
+    )
+    # Uniform weights (the "w/o impact weighting" input): the trainer is under test here, not the scores.
+    conflict = [r for r in read_lines(root / "triaged.jsonl") if r["category"] != "retention"]
+    write_jsonl(
+        root / "scores.jsonl",
+        [{"id": r["id"], "category": r["category"], "raw_score": 1.0, "weight": 1.0} for r in conflict],
+    )
+    return {"triaged": root / "triaged.jsonl", "eval": root / "eval.jsonl", "scores": root / "scores.jsonl"}
+
+
+def train_command(model: Path, data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "trace_ds.cli", "train", "--model", str(model), "--triaged", str(data["triaged"]),
+        "--scores", str(data["scores"]), "--out", str(out), "--micro-batch", "4", "--max-length", "160",
+        "--max-prompt-length", "64", "--beta", "0.1", "--lr", "3e-4", *extra,
+    ]  # fmt: skip
+
+
+def run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=500
+    )
+
+
+COMPARED = (
+    "step",
+    "epoch",
+    "loss",
+    "loss_inversion",
+    "margin_inversion",
+    "loss_suppression",
+    "reward_suppression",
+    "kl_retention",
+    "lr",
+    "grad_norm",
+)
+
+
+def test_training_realigns_held_out_pairs_and_exports(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    result = run(
+        train_command(
+            tiny_model_dir,
+            data,
+            out,
+            "--epochs",
+            "2",
+            "--eval-pairs",
+            str(data["eval"]),
+            "--eval-every",
+            "8",
+            "--keep-last",
+            "1",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_lines(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 33))  # 64 pairs / 4 per step, 2 epochs
+    last = [m for m in metrics if "eval_loss" in m][-1]
+    # At the start policy = reference, so every margin and reward is 0; training must move held-out pairs.
+    assert last["eval_inversion_accuracy"] >= 0.7 and last["eval_inversion_margin"] > 0.5
+    assert last["eval_reward_suppression"] < -0.5  # suppressed responses lost log-probability
+    assert all(m["grad_norm"] is not None and m["lr"] > 0 for m in metrics)
+
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert (out / "checkpoints" / best["tag"]).is_dir()  # kept despite --keep-last 1
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = AutoModelForCausalLM.from_pretrained(out / "final")
+    check = torch.load(out / "final" / "export_check.pt")
+    with torch.no_grad():
+        logits = exported(input_ids=check["input_ids"]).logits
+    assert (logits - check["logits"]).abs().max() <= 1e-4 * check["logits"].abs().max()
+    assert AutoTokenizer.from_pretrained(out / "final").eos_token_id is not None
+    assert json.loads((out / "final" / "export.json").read_text())["parameters"] == sum(
+        p.numel() for p in exported.parameters()
+    )
+
+
+def test_alpha_kl_keeps_retention_close_to_the_reference(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    kls = {}
+    for alpha in ("0", "1000"):
+        out = tmp_path / f"alpha{alpha}"
+        result = run(
+            train_command(
+                tiny_model_dir,
+                data,
+                out,
+                "--max-steps",
+                "12",
+                "--alpha-kl",
+                alpha,
+                "--eval-pairs",
+                str(data["eval"]),
+                "--eval-every",
+                "12",
+            )
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        kls[alpha] = read_lines(out / "metrics.jsonl")[-1]["eval_kl_retention"]
+    assert kls["1000"] < 0.6 * kls["0"], (
+        kls
+    )  # IPO losses are ~1/(4 beta^2) = 25 at first: KL needs a large alpha
+
+
+def test_killed_run_resumes_bitwise_across_an_epoch_boundary(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    extra = ("--max-steps", "12", "--micro-batch", "8", "--save-every", "3")  # 8 steps per epoch
+    reference = tmp_path / "reference"
+    assert run(train_command(tiny_model_dir, data, reference, *extra)).returncode == 0
+
+    out = tmp_path / "killed"
+    kill_when_lines(train_command(tiny_model_dir, data, out, *extra), out / "metrics.jsonl", 7)
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert latest in ("step_00000006", "step_00000009"), latest  # killed after a checkpoint, before the end
+    result = run(train_command(tiny_model_dir, data, out, *extra, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = [{k: m[k] for k in COMPARED} for m in read_lines(out / "metrics.jsonl")]
+    want = [{k: m[k] for k in COMPARED} for m in read_lines(reference / "metrics.jsonl")]
+    assert got == want  # bitwise: the same floats, step for step, across the epoch boundary at step 8
+    assert {m["epoch"] for m in want} == {0, 1}
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    command = train_command(tiny_model_dir, data, out, "--max-steps", "40")
+    process = subprocess.Popen(
+        command,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIGTERM: checkpoint written" in stderr
+    steps = len(read_lines(metrics))
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{steps:08d}"
+    result = run([*command, "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["step"] for m in read_lines(metrics)] == list(range(1, 41))
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    result = run(
+        train_command(tiny_model_dir, data, out, "--max-steps", "6", "--save-every", "1"),
+        env={"TRACE_DS_FAULT_NAN_AT_STEP": "3"},
+    )
+    assert result.returncode == 2
+    assert "the loss became nan at step 3" in result.stderr.replace("\n", " ")
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert (out / "checkpoints" / "step_00000002").is_dir() and not (out / "final").exists()
+
+
+def test_bad_record_mid_stream_names_file_and_line(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "triaged.jsonl"
+    lines = data["triaged"].read_text().splitlines()
+    broken.write_text("\n".join([*lines[:40], "{not json", *lines[40:]]) + "\n")
+    out = tmp_path / "run"
+    command = train_command(
+        tiny_model_dir,
+        {**data, "triaged": broken},
+        out,
+        "--max-steps",
+        "30",
+        "--save-every",
+        "2",
+        "--buffer-size",
+        "4",
+    )
+    result = run(command)
+    assert result.returncode == 2
+    assert f"{broken}:41" in result.stderr.replace("\n", "")
+    assert (out / "checkpoints" / "latest").exists()  # the checkpoints written before it stay
+
+
+def test_options_are_checked_before_anything_loads(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    cases = [
+        (("--epochs", "1", "--max-steps", "3"), "not both"),
+        (("--resume",), "no checkpoint"),
+        (("--eval-every", "3"), "go together"),
+        (("--deepspeed", "ds_configs/zero3.json"), "enables bf16 but --dtype is float32"),
+        (("--merge-lora",), "needs --lora"),
+    ]
+    for extra, message in cases:
+        result = run(train_command(tiny_model_dir, data, out, *extra))
+        assert result.returncode == 2 and message in result.stderr.replace("\n", " "), (
+            extra,
+            result.stderr[-2000:],
+        )
