@@ -247,3 +247,73 @@ def test_options_are_checked_before_anything_loads(
             extra,
             result.stderr[-2000:],
         )
+
+
+def test_lora_trains_from_the_scoring_adapter_and_exports_it(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    scores = tmp_path / "lora_scores.jsonl"
+    score = [
+        sys.executable,
+        "-m",
+        "trace_ds.cli",
+        "score",
+        "--model",
+        str(tiny_model_dir),
+        "--triaged",
+        str(data["triaged"]),
+        "--out",
+        str(scores),
+        "--probe-size",
+        "9",
+        "--max-length",
+        "160",
+        "--max-prompt-length",
+        "64",
+        "--allow-empty",
+        "--lora",
+        "--lora-r",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj,down_proj",
+    ]
+    result = run(score)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "run"
+    result = run(
+        train_command(
+            tiny_model_dir,
+            {**data, "scores": scores},
+            out,
+            "--max-steps",
+            "4",
+            "--lora",
+            "--merge-lora",
+            "--lr",
+            "1e-2",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    export = json.loads((out / "final" / "export.json").read_text())
+    assert export["kind"] == "lora-adapter" and export["logit_relative_error"] <= export["tolerance"]
+    assert export["merged"]["logit_relative_error"] <= export["merged"]["tolerance"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trained = PeftModel.from_pretrained(base, out / "final" / "adapter")
+    initial = json.loads((out.parent / "lora_scores.initial_adapter" / "adapter_config.json").read_text())
+    assert initial["r"] == 4
+    check = torch.load(out / "final" / "export_check.pt")
+    with torch.no_grad():
+        logits = trained(input_ids=check["input_ids"]).logits
+    assert (logits - check["logits"]).abs().max() <= 1e-4 * check["logits"].abs().max()
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")
+    with torch.no_grad():
+        assert (merged(input_ids=check["input_ids"]).logits - check["logits"]).abs().max() <= 1e-4 * check[
+            "logits"
+        ].abs().max()
+
+    result = run(train_command(tiny_model_dir, data, tmp_path / "no_adapter", "--max-steps", "2", "--lora"))
+    assert result.returncode == 2 and "was not scored with LoRA" in result.stderr.replace("\n", " ")
