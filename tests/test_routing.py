@@ -30,18 +30,37 @@ def test_each_head_gets_its_pairs_and_nothing_else(tmp_path) -> None:
     pairs = [TokenizedPair(f"p{i}", [1, 5 + i, 6], [7, 8 + i, 2], [9, 10 + i, 11, 2]) for i in range(4)]
     categories = ["inversion", "suppression", "retention", "inversion"]
     weights = torch.tensor([0.5, 2.0, 1.0, 0.0])  # the last pair is a zero-weight dummy
-    batch = collate_pairs(pairs, pad_id=0)
+    batch = collate_pairs(pairs, pad_id=0)  # no padding beyond each row's end affects a row (right padding)
     (tmp_path / "t").write_text("")
     config = TrainConfig(
         model="m", triaged=str(tmp_path / "t"), scores=str(tmp_path / "t"), out=str(tmp_path / "o"), beta=0.5
     )
 
-    def ref_logits(b):
+    def ref_logits(b, rows=None):
+        def pick(t):
+            return t if rows is None else t.index_select(0, rows)
+
         return reference(
-            input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids
+            input_ids=pick(b.input_ids),
+            attention_mask=pick(b.attention_mask),
+            position_ids=pick(b.position_ids),
         ).logits
 
     conflict, conflict_w, kl, stats = compute_losses(policy, ref_logits, batch, categories, weights, config)
+    # The same with precomputed reference log-probs: the reference then runs on retention chosen rows only.
+    with torch.no_grad():
+        full_ref = ref_logits(batch)
+    pre = sequence_logps(full_ref, batch.labels, batch.loss_mask)
+    calls = []
+
+    def counting_ref(b, rows=None):
+        calls.append(None if rows is None else rows.tolist())
+        return ref_logits(b, rows)
+
+    pre_out = compute_losses(policy, counting_ref, batch, categories, weights, config, reference_logps=pre)
+    assert calls == [[2]]
+    for a, b in zip((conflict, conflict_w, kl), pre_out[:3], strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
     with torch.no_grad():
         logits = policy(

@@ -136,13 +136,18 @@ def test_alpha_kl_keeps_retention_close_to_the_reference(
                 str(data["eval"]),
                 "--eval-every",
                 "12",
+                "--export-dtype",
+                "bfloat16",
             )
         )
         assert result.returncode == 0, result.stderr[-3000:]
         kls[alpha] = read_lines(out / "metrics.jsonl")[-1]["eval_kl_retention"]
-    assert kls["1000"] < 0.6 * kls["0"], (
-        kls
-    )  # IPO losses are ~1/(4 beta^2) = 25 at first: KL needs a large alpha
+        export = json.loads(
+            (out / "final" / "export.json").read_text()
+        )  # the bf16 export reproduces the logits
+        assert export["dtype"] == "bfloat16" and export["logit_relative_error"] <= export["tolerance"]
+    # IPO losses start near 1/(4 beta^2) = 25, so the KL head needs a large alpha to show at this scale
+    assert kls["1000"] < 0.6 * kls["0"], kls
 
 
 def test_killed_run_resumes_bitwise_across_an_epoch_boundary(
@@ -317,3 +322,64 @@ def test_lora_trains_from_the_scoring_adapter_and_exports_it(
 
     result = run(train_command(tiny_model_dir, data, tmp_path / "no_adapter", "--max-steps", "2", "--lora"))
     assert result.returncode == 2 and "was not scored with LoRA" in result.stderr.replace("\n", " ")
+
+
+def test_split_counts_is_exact() -> None:
+    from trace_ds.train import split_counts
+
+    for count in range(0, 13):
+        for shares in (
+            {"inversion": 0.4, "suppression": 0.2, "retention": 0.4},
+            {"inversion": 1 / 3, "suppression": 1 / 3, "retention": 1 / 3},
+            {"inversion": 0.5, "suppression": 0.5, "retention": 0.0},
+        ):
+            counts = split_counts(count, shares)
+            assert sum(counts.values()) == count and min(counts.values()) >= 0
+            assert all(abs(counts[k] - count * v) < 1 for k, v in shares.items())
+
+
+def test_per_category_batching_draws_set_proportions_and_resumes(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    extra = (
+        "--max-steps",
+        "6",
+        "--micro-batch",
+        "5",
+        "--save-every",
+        "3",
+        "--category-proportions",
+        "inversion=0.4,suppression=0.2,retention=0.4",
+    )
+    out = tmp_path / "run"
+    result = run(train_command(tiny_model_dir, data, out, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_lines(out / "metrics.jsonl")
+    assert [(m["pairs_inversion"], m["pairs_suppression"], m["pairs_retention"]) for m in metrics] == [
+        (2, 1, 2)
+    ] * 6
+
+    resumed = tmp_path / "resumed"  # the same run, resumed from its step-3 checkpoint
+    shutil.copytree(out, resumed)
+    (resumed / "checkpoints" / "latest").write_text("step_00000003")
+    shutil.rmtree(resumed / "final")
+    result = run(train_command(tiny_model_dir, data, resumed, *extra, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [{k: m[k] for k in COMPARED} for m in read_lines(resumed / "metrics.jsonl")] == [
+        {k: m[k] for k in COMPARED} for m in metrics
+    ]
+
+
+def test_precomputed_reference_logps_give_the_same_training(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    losses = {}
+    for name, extra in (("live", ()), ("precomputed", ("--precompute-ref-logps",))):
+        out = tmp_path / name
+        result = run(train_command(tiny_model_dir, data, out, "--max-steps", "5", *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[name] = [m["loss"] for m in read_lines(out / "metrics.jsonl")]
+    assert (tmp_path / "precomputed" / "reference_logps.jsonl").exists()
+    assert losses["precomputed"] == pytest.approx(losses["live"], rel=1e-4, abs=1e-6)

@@ -340,6 +340,23 @@ def _lora_config(options: dict[str, Any]) -> Any:
     )
 
 
+def _proportions(text: str | None) -> tuple[tuple[str, float], ...] | None:
+    if not text:
+        return None
+    out = []
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            out.append((name.strip(), float(value)))
+        except ValueError:
+            raise TraceError(
+                f"--category-proportions {text!r}: expected NAME=SHARE,..., e.g. inversion=0.4,suppression=0.3,retention=0.3"
+            ) from None
+        if not sep:
+            raise TraceError(f"--category-proportions {text!r}: expected NAME=SHARE items")
+    return tuple(out)
+
+
 def _tokenize_config(options: dict[str, Any]) -> Any:
     from trace_ds.data.tokenize import TokenizeConfig
 
@@ -473,6 +490,17 @@ def score_command(deepspeed_config: str | None, **options: Any) -> None:
 )
 @click.option("--merge-lora", is_flag=True, help="Also export the base model with the adapter merged.")
 @click.option("--tensorboard", is_flag=True, help="Also log to <out>/tensorboard (needs tensorboard).")
+@click.option(
+    "--category-proportions",
+    default=None,
+    metavar="inversion=P,suppression=P,retention=P",
+    help="Per-category batching (Algorithm 1): each step draws its pairs in these shares; needs --max-steps.",
+)
+@click.option(
+    "--precompute-ref-logps",
+    is_flag=True,
+    help="Compute reference log-probs once; the KL head still runs the reference on retention rows.",
+)
 @tokenize_options
 def train_command(
     deepspeed_config: str | None, epochs: int | None, max_steps: int | None, **options: Any
@@ -483,6 +511,7 @@ def train_command(
 
     if epochs is None and max_steps is None:
         epochs = 1
+    options["category_proportions"] = _proportions(options.pop("category_proportions"))
     config = TrainConfig(
         deepspeed=deepspeed_config,
         epochs=epochs,

@@ -139,6 +139,8 @@ class TrainConfig:
     export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     merge_lora: bool = False
     tensorboard: bool = False
+    precompute_ref_logps: bool = False
+    category_proportions: tuple[tuple[str, float], ...] | None = None
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
     def __post_init__(self) -> None:
@@ -162,6 +164,21 @@ class TrainConfig:
             raise TraceError("--eval-every and --save-every must be at least 1")
         if self.best_metric not in BEST_METRICS:
             raise TraceError(f"--best-metric {self.best_metric!r}: choose from {', '.join(BEST_METRICS)}")
+        if self.category_proportions is not None:
+            names = [name for name, _ in self.category_proportions]
+            shares = [share for _, share in self.category_proportions]
+            if set(names) - {"inversion", "suppression", "retention"} or len(set(names)) != len(names):
+                raise TraceError(
+                    f"--category-proportions {dict(self.category_proportions)}: use each of inversion, suppression, retention at most once"
+                )
+            if any(share < 0 for share in shares) or abs(sum(shares) - 1.0) > 1e-6:
+                raise TraceError(
+                    f"--category-proportions {dict(self.category_proportions)}: shares must be >= 0 and add up to 1"
+                )
+            if self.max_steps is None:
+                raise TraceError(
+                    "--category-proportions draws each category from its own stream, which never ends: give --max-steps"
+                )
         if self.merge_lora and not self.lora:
             raise TraceError("--merge-lora needs --lora (there is no adapter to merge)")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():

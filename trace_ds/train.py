@@ -7,6 +7,7 @@ and every rank makes the same number of optimizer steps. Routing is by masks ins
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -60,10 +61,15 @@ def compute_losses(
     categories: list[str],
     weights: torch.Tensor,
     config: TrainConfig,
+    reference_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair conflict losses, their weights, per-pair retention KL, and the stats vector.
 
     ``weights`` is 0 for a padding (dummy) pair; the KL of such a pair is masked out the same way.
+    ``reference_logits_fn(batch, rows)`` gives the reference's logits for those rows of the batch (all rows
+    when ``rows`` is None). With precomputed ``reference_logps`` (2B,), the reference runs only on the
+    chosen rows of live retention pairs, which the KL head needs (one row when there are none, so every
+    rank still makes the same call).
     """
     n = batch.num_pairs
     logits = policy(
@@ -72,23 +78,34 @@ def compute_losses(
         position_ids=batch.position_ids,
         use_cache=False,
     ).logits
-    with torch.no_grad():
-        ref_logits = reference_logits_fn(batch)
-    logps = sequence_logps(logits, batch.labels, batch.loss_mask)
-    ref_logps = sequence_logps(ref_logits, batch.labels, batch.loss_mask)
-    rewards = logps - ref_logps
-    r_chosen, r_rejected = rewards[:n], rewards[n:]
     device = logits.device
     is_inv = torch.tensor([c == "inversion" for c in categories], device=device)
     is_sup = torch.tensor([c == "suppression" for c in categories], device=device)
     is_ret = torch.tensor([c == "retention" for c in categories], device=device)
     live = weights.to(device) > 0
+    logps = sequence_logps(logits, batch.labels, batch.loss_mask)
+    if reference_logps is None:
+        with torch.no_grad():
+            ref_logits = reference_logits_fn(batch, None)
+        ref_logps = sequence_logps(ref_logits, batch.labels, batch.loss_mask)
+        kl = token_kl(logits[:n], ref_logits[:n], batch.loss_mask[:n])
+    else:
+        ref_logps = reference_logps.to(device)
+        rows = torch.nonzero(is_ret & live, as_tuple=False).squeeze(-1)
+        rows = rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=device)
+        with torch.no_grad():
+            ref_logits = reference_logits_fn(batch, rows)
+        kl = torch.zeros(n, dtype=torch.float32, device=device)
+        kl = kl.index_put(
+            (rows,), token_kl(logits.index_select(0, rows), ref_logits, batch.loss_mask.index_select(0, rows))
+        )
+    rewards = logps - ref_logps
+    r_chosen, r_rejected = rewards[:n], rewards[n:]
     relational = relational_loss(r_chosen - r_rejected, config.beta, config.relational)
     suppression = suppression_loss(r_chosen, r_rejected, config.beta)
     zero = torch.zeros_like(relational)
     conflict = torch.where(is_inv, relational, torch.where(is_sup, suppression, zero))
     conflict_weights = torch.where(is_inv | is_sup, weights.to(device), zero)
-    kl = token_kl(logits[:n], ref_logits[:n], batch.loss_mask[:n])
     retention_kl = torch.where(is_ret & live, kl, zero)
 
     margin = (r_chosen - r_rejected).detach()
@@ -114,6 +131,9 @@ def summarise_stats(stats: torch.Tensor) -> dict[str, float | None]:
 
     return {
         "pairs": s["pairs"],
+        "pairs_inversion": s["inversion"],
+        "pairs_suppression": s["suppression"],
+        "pairs_retention": s["retention"],
         "loss_inversion": mean("inversion_loss", "inversion"),
         "margin_inversion": mean("inversion_margin", "inversion"),
         "accuracy_inversion": mean("inversion_correct", "inversion"),
@@ -128,26 +148,66 @@ def summarise_stats(stats: torch.Tensor) -> dict[str, float | None]:
 
 
 class StepData:
-    """Pulls this rank's records for each optimizer step, across epoch boundaries."""
+    """Pulls this rank's records for each optimizer step, across epoch boundaries.
 
-    def __init__(self, stream: PairStream, epochs: int | None):
-        self.stream = stream
+    With ``proportions`` (per-category batching, the paper's Algorithm 1) each category has its own stream,
+    each step draws its pairs per category in those proportions, and every stream cycles through epochs on
+    its own (so the run is bounded by --max-steps)."""
+
+    def __init__(
+        self, streams: dict[str, PairStream], epochs: int | None, proportions: dict[str, float] | None = None
+    ):
+        self.streams = streams
         self.epochs = epochs
-        self._it: Iterator[TrainRecord] | None = None
+        self.proportions = proportions
+        self._its: dict[str, Iterator[TrainRecord] | None] = dict.fromkeys(streams)
+
+    def epoch(self) -> int:
+        return max(stream.epoch() for stream in self.streams.values())
 
     def take(self, count: int) -> list[TrainRecord]:
+        if self.proportions is None:
+            return self._take("all", count)
+        records: list[TrainRecord] = []
+        for name, share in split_counts(count, self.proportions).items():
+            records += self._take(name, share)
+        return records
+
+    def _take(self, name: str, count: int) -> list[TrainRecord]:
+        stream = self.streams[name]
         records: list[TrainRecord] = []
         while len(records) < count:
-            if self._it is None:
-                self._it = iter(self.stream)
+            if self._its[name] is None:
+                self._its[name] = iter(stream)
             try:
-                records.append(next(self._it))
+                records.append(next(self._its[name]))  # type: ignore[arg-type]
             except StopIteration:
-                self._it = None
-                if self.epochs is not None and self.stream.epoch() + 1 >= self.epochs:
+                self._its[name] = None
+                if self.epochs is not None and stream.epoch() + 1 >= self.epochs:
                     break
-                self.stream.next_epoch()
+                stream.next_epoch()
         return records
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: stream.state_dict() for name, stream in self.streams.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, stream in self.streams.items():
+            stream.load_state_dict(state[name])
+            self._its[name] = None
+
+    def counts(self) -> dict[str, Any]:
+        return {name: stream.counts() for name, stream in self.streams.items()}
+
+
+def split_counts(count: int, proportions: dict[str, float]) -> dict[str, int]:
+    """``count`` split by ``proportions`` (largest remainder, ties in the given order): exact and never negative."""
+    raw = {name: count * share for name, share in proportions.items()}
+    counts = {name: math.floor(value) for name, value in raw.items()}
+    leftover = count - sum(counts.values())
+    for name in sorted(raw, key=lambda n: -(raw[n] - counts[n]))[:leftover]:
+        counts[name] += 1
+    return counts
 
 
 class Trainer:
@@ -191,10 +251,27 @@ class Trainer:
         self.pad_id = pad_token_id(self.tokenizer, model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.stream = PairStream(
-            cfg.triaged, self.weights, rank=strategy.rank, world_size=strategy.world_size,
-            buffer_size=cfg.buffer_size, seed=cfg.seed,
-        )  # fmt: skip
+        names = [name for name, _ in cfg.category_proportions] if cfg.category_proportions else ["all"]
+        streams = {
+            name: PairStream(
+                cfg.triaged, self.weights, rank=strategy.rank, world_size=strategy.world_size,
+                buffer_size=cfg.buffer_size, seed=cfg.seed, only_category=None if name == "all" else name,
+            )
+            for name in names
+        }  # fmt: skip
+        self.stream = streams[names[0]]
+        proportions = dict(cfg.category_proportions) if cfg.category_proportions else None
+        self.data = StepData(streams, cfg.epochs if cfg.max_steps is None else None, proportions)
+        if proportions:
+            empty = [
+                name
+                for name, stream in streams.items()
+                if proportions[name] > 0 and stream.count_eligible() == 0
+            ]
+            if empty:
+                raise TraceError(
+                    f"--category-proportions asks for {empty} pairs but {cfg.triaged} has none to train on"
+                )
         self.total_steps = self._total_steps()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.total_steps, cfg.warmup_ratio)
@@ -204,7 +281,9 @@ class Trainer:
             self.reference = None
         else:
             self.reference = strategy.prepare_reference(load_causal_lm(cfg.model, cfg.dtype))
-        self.data = StepData(self.stream, cfg.epochs if cfg.max_steps is None else None)
+        self.ref_logps: dict[str, tuple[float, float]] = (
+            self._precompute() if cfg.precompute_ref_logps else {}
+        )
         self.step = 0
         self.best: dict[str, Any] = {}
         self.eval_records = self._eval_records()
@@ -216,8 +295,60 @@ class Trainer:
         eligible = self.stream.count_eligible()
         if eligible == 0:
             raise TraceError(f"{cfg.triaged}: no pair to train on (every conflict pair has weight 0?)")
-        per_rank = -(-eligible // self.strategy.world_size)
-        return -(-(per_rank * (cfg.epochs or 1)) // (cfg.micro_batch * cfg.grad_accum))
+        per_rank = ceil_div(eligible, self.strategy.world_size)
+        return ceil_div(per_rank * (cfg.epochs or 1), cfg.micro_batch * cfg.grad_accum)
+
+    def _precompute(self) -> dict[str, tuple[float, float]]:
+        """Reference log-probs of every trainable pair, computed once (sharded) and cached in the run folder.
+        The relational and NPO heads then need no reference forward; the KL head still does, on the chosen
+        rows of retention pairs only."""
+        cfg, strategy = self.config, self.strategy
+        cache = self.out / "reference_logps.jsonl"
+        key = {
+            "model": cfg.model,
+            "triaged": cfg.triaged,
+            "scores": cfg.scores,
+            "tokenize": asdict(cfg.tokenize),
+        }
+        if cache.exists():
+            lines = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+            if lines and lines[0].get("key") == key:
+                return {r["id"]: (r["chosen"], r["rejected"]) for r in lines[1:]}
+        stream = PairStream(
+            cfg.triaged,
+            self.weights,
+            rank=strategy.rank,
+            world_size=strategy.world_size,
+            buffer_size=1,
+            seed=cfg.seed,
+        )
+        mine = list(stream)
+        steps = ceil_div(ceil_div(stream.count_eligible(), strategy.world_size), cfg.micro_batch)
+        found: dict[str, tuple[float, float]] = {}
+        with torch.no_grad():
+            for index in range(steps):
+                chunk = (
+                    mine[index * cfg.micro_batch : (index + 1) * cfg.micro_batch]
+                    or mine[:1]
+                    or self._any_dummy()
+                )
+                batch, _, _ = self._batch(chunk)
+                logps = sequence_logps(self.reference_logits(batch), batch.labels, batch.loss_mask).tolist()
+                n = len(chunk)
+                found.update({r.pair.id: (logps[i], logps[n + i]) for i, r in enumerate(chunk)})
+        merged = {k: v for part in strategy.all_gather_object(found) for k, v in part.items()}
+        if strategy.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            rows = [{"key": key}] + [{"id": k, "chosen": c, "rejected": r} for k, (c, r) in merged.items()]
+            write_text(cache, "".join(dumps(row) + "\n" for row in rows))
+        return merged
+
+    def _reference_logps(self, records: list[TrainRecord]) -> torch.Tensor | None:
+        """Precomputed reference log-probs for a micro-batch (chosen rows then rejected rows), if all known."""
+        if not self.ref_logps or any(r.pair.id not in self.ref_logps for r in records):
+            return None
+        values = [self.ref_logps[r.pair.id] for r in records]
+        return torch.tensor([c for c, _ in values] + [r for _, r in values], dtype=torch.float32)
 
     def _eval_records(self) -> list[TrainRecord]:
         if self.config.eval_pairs is None:
@@ -225,11 +356,13 @@ class Trainer:
         pairs = read_pairs(self.config.eval_pairs).pairs
         return [TrainRecord(p, str(p.extra.get("category")), 1.0) for p in pairs]
 
-    def reference_logits(self, batch: PairBatch) -> torch.Tensor:
+    def reference_logits(self, batch: PairBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen reference's logits for ``rows`` of the batch (all rows when None)."""
+        select = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
         kwargs = {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-            "position_ids": batch.position_ids,
+            "input_ids": select(batch.input_ids),
+            "attention_mask": select(batch.attention_mask),
+            "position_ids": select(batch.position_ids),
             "use_cache": False,
         }
         if self.reference is None:  # LoRA: the base model with the adapters disabled
@@ -278,7 +411,7 @@ class Trainer:
                     elapsed = time.perf_counter() - started
                     line = {
                         "step": self.step,
-                        "epoch": self.stream.epoch(),
+                        "epoch": self.data.epoch(),
                         **self._step_metrics(stats, elapsed),
                     }
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -304,7 +437,7 @@ class Trainer:
                             f"SIGTERM: checkpoint written at step {self.step}; resume with --resume"
                         )
                         return {"stopped_at": self.step}
-            summary = {"steps": self.step, "stream": self.stream.counts()}
+            summary = {"steps": self.step, "stream": self.data.counts()}
             self.export(summary)
             return summary
         finally:
@@ -327,7 +460,13 @@ class Trainer:
             chunk = records[micro * cfg.micro_batch : (micro + 1) * cfg.micro_batch] or dummy
             batch, categories, weights = self._batch(chunk)
             conflict, conflict_w, kl, micro_stats = compute_losses(
-                self.engine, self.reference_logits, batch, categories, weights, cfg
+                self.engine,
+                self.reference_logits,
+                batch,
+                categories,
+                weights,
+                cfg,
+                self._reference_logps(chunk),
             )
             # The one reduction; x world_size because DeepSpeed averages gradients over ranks, while the step
             # loss is a sum over the global step's pairs divided by their number.
@@ -367,8 +506,7 @@ class Trainer:
         """Per-category loss, reward margin and accuracy on the held-out pairs (every rank, same calls)."""
         cfg, strategy = self.config, self.strategy
         records = self.eval_records[strategy.rank :: strategy.world_size]
-        steps = -(-len(self.eval_records) // strategy.world_size) if self.eval_records else 0
-        steps = -(-steps // cfg.micro_batch)
+        steps = ceil_div(ceil_div(len(self.eval_records), strategy.world_size), cfg.micro_batch)
         stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
         self.engine.eval()
         with torch.no_grad():
@@ -388,7 +526,11 @@ class Trainer:
         loss = (s["inversion_loss"] + s["suppression_loss"] + cfg.alpha_kl * s["retention_kl"]) / max(
             total, 1.0
         )
-        out = {f"eval_{k}": v for k, v in summary.items() if k not in ("tokens", "pairs", "loss")}
+        out = {
+            f"eval_{k}": v
+            for k, v in summary.items()
+            if k not in ("tokens", "loss") and not k.startswith("pairs")
+        }
         out["eval_loss"] = loss
         out["eval_inversion_accuracy"] = summary["accuracy_inversion"]
         out["eval_inversion_margin"] = summary["margin_inversion"]
@@ -425,7 +567,7 @@ class Trainer:
         client = {"step": self.step, "best": self.best, "config": _jsonable(asdict(self.config))}
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         rank_state = {
-            "stream": self.stream.state_dict(),
+            "stream": self.data.state_dict(),
             "python_random": random.getstate(),
             "torch_cpu": torch.get_rng_state(),
             "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -461,7 +603,7 @@ class Trainer:
                 f"--resume: {state_file} is missing (was the checkpoint made with another world size?)"
             )
         state = torch.load(state_file, weights_only=False)
-        self.stream.load_state_dict(state["stream"])
+        self.data.load_state_dict(state["stream"])
         random.setstate(state["python_random"])
         torch.set_rng_state(state["torch_cpu"])
         if state["torch_cuda"] is not None and torch.cuda.is_available():
@@ -492,9 +634,11 @@ class Trainer:
         summary["export"] = export_trained(self, self.out / "final")
 
 
-def _jsonable(value: Any) -> Any:
-    import json
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
+
+def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
@@ -510,8 +654,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint's step (they will be recomputed)."""
     if not path.exists():
         return
-    import json
-
     keep = [
         line
         for line in path.read_text().splitlines()

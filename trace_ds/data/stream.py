@@ -96,6 +96,7 @@ class PairStream:
         split: str | None = None,
         streaming: bool = False,
         columns: Mapping[str, str] | None = None,
+        only_category: str | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
@@ -110,6 +111,7 @@ class PairStream:
         self.split = split
         self.streaming = streaming
         self.columns = columns
+        self.only_category = only_category  # per-category batching: one stream per category
         self._generation = 0  # bumped whenever the state is replaced, so a stale iterator fails loudly
         self._start_epoch(0)
 
@@ -118,7 +120,7 @@ class PairStream:
     def _start_epoch(self, epoch: int) -> None:
         self._epoch = epoch
         self._read = 0  # pairs taken from the source this epoch (skipped ones included)
-        self._skipped = 0  # conflict pairs of weight 0
+        self._skipped = 0  # conflict pairs of weight 0 (and, with only_category, pairs of other categories)
         self._emitted = 0  # global index of the next item
         self._exhausted = False  # the source has been read to its end this epoch
         self._buffer: list[_Slot] = []
@@ -206,6 +208,8 @@ class PairStream:
                 f"{pair.position}: pair {pair.id!r} has {found}; training reads triaged pairs "
                 f"(`trace-ds triage` output, category one of {', '.join(CATEGORIES)})"
             )
+        if self.only_category is not None and category != self.only_category:
+            return None
         if category not in CONFLICT_CATEGORIES:
             return TrainRecord(pair, category, 1.0)
         weight = self.weights.get(pair.id)
