@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,3 +35,23 @@ def kill_when_lines(command: list[str], watched: Path, min_lines: int, wait_s: f
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     return len(watched.read_text().splitlines())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deepspeed_command(ranks: int, *trace_ds_args: str) -> list[str]:
+    """``deepspeed --num_gpus N trace-ds ...`` from this venv, on a free rendezvous port."""
+    bin_dir = Path(sys.executable).parent
+    return [
+        str(bin_dir / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(bin_dir / "trace-ds"),
+        *trace_ds_args,
+    ]

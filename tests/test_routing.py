@@ -37,14 +37,7 @@ def test_each_head_gets_its_pairs_and_nothing_else(tmp_path) -> None:
     )
 
     def ref_logits(b, rows=None):
-        def pick(t):
-            return t if rows is None else t.index_select(0, rows)
-
-        return reference(
-            input_ids=pick(b.input_ids),
-            attention_mask=pick(b.attention_mask),
-            position_ids=pick(b.position_ids),
-        ).logits
+        return b.logits(reference, rows)
 
     conflict, conflict_w, kl, stats = compute_losses(policy, ref_logits, batch, categories, weights, config)
     # The same with precomputed reference log-probs: the reference then runs on retention chosen rows only.

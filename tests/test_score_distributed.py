@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,15 +14,10 @@ from trace_ds.cli import main
 from trace_ds.synth.generator import build_benchmark
 from trace_ds.triage import run_triage
 
+from .helpers import deepspeed_command
 from .helpers import read_lines as lines
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -59,21 +52,15 @@ def test_zero3_two_ranks_equal_one_process(tiny_model_dir: Path, tmp_path: Path)
     assert result.exit_code == 0, result.output
 
     two = tmp_path / "two" / "s.jsonl"
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [
-        str(launcher),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(Path(sys.executable).parent / "trace-ds"),
+    command = deepspeed_command(
+        2,
         "score",
         *args,
         "--out",
         str(two),
         "--deepspeed",
         str(REPO / "ds_configs" / "cpu.json"),
-    ]
+    )
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     run = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=540, start_new_session=True

@@ -11,8 +11,7 @@ import pytest
 
 from trace_ds.io import write_jsonl
 
-from .helpers import read_lines
-from .test_score_distributed import free_port
+from .helpers import deepspeed_command, read_lines
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORY_BY_POSITION = [
@@ -80,14 +79,8 @@ def test_zero3_uneven_shards_do_not_hang_and_match_one_process(tiny_model_dir: P
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TRACE_DS_DIST_TIMEOUT_S": "90"}
 
     two = tmp_path / "two"
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [
-        str(launcher),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(Path(sys.executable).parent / "trace-ds"),
+    command = deepspeed_command(
+        2,
         "train",
         *common,
         "--out",
@@ -96,7 +89,7 @@ def test_zero3_uneven_shards_do_not_hang_and_match_one_process(tiny_model_dir: P
         "2",
         "--deepspeed",
         str(REPO / "ds_configs" / "cpu.json"),
-    ]
+    )
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=540, start_new_session=True
     )

@@ -72,12 +72,7 @@ def compute_losses(
     rank still makes the same call).
     """
     n = batch.num_pairs
-    logits = policy(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).logits
+    logits = batch.logits(policy)
     device = logits.device
     is_inv = torch.tensor([c == "inversion" for c in categories], device=device)
     is_sup = torch.tensor([c == "suppression" for c in categories], device=device)
@@ -358,17 +353,10 @@ class Trainer:
 
     def reference_logits(self, batch: PairBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The frozen reference's logits for ``rows`` of the batch (all rows when None)."""
-        select = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        kwargs = {
-            "input_ids": select(batch.input_ids),
-            "attention_mask": select(batch.attention_mask),
-            "position_ids": select(batch.position_ids),
-            "use_cache": False,
-        }
         if self.reference is None:  # LoRA: the base model with the adapters disabled
             with self.engine.module.disable_adapter():
-                return self.engine.module(**kwargs).logits
-        return self.reference(**kwargs).logits
+                return batch.logits(self.engine.module, rows)
+        return batch.logits(self.reference, rows)
 
     def _batch(self, records: list[TrainRecord]) -> tuple[PairBatch, list[str], torch.Tensor]:
         tokens = [tokenize_pair(r.pair, self.tokenizer, self.config.tokenize) for r in records]

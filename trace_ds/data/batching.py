@@ -30,6 +30,19 @@ class PairBatch:
     def num_pairs(self) -> int:
         return len(self.ids)
 
+    def logits(self, model: torch.nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``model``'s logits for the batch (or the given rows of it): the one way every stage calls a model."""
+
+        def pick(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if rows is None else tensor.index_select(0, rows)
+
+        return model(
+            input_ids=pick(self.input_ids),
+            attention_mask=pick(self.attention_mask),
+            position_ids=pick(self.position_ids),
+            use_cache=False,
+        ).logits
+
     def to(self, device: torch.device | str) -> PairBatch:
         return PairBatch(
             self.ids,

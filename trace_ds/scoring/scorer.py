@@ -42,13 +42,7 @@ class Scored:
 
 def batch_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of the chosen and rejected rows, from one concatenated forward."""
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).logits
-    logps = sequence_logps(logits, batch.labels, batch.loss_mask)
+    logps = sequence_logps(batch.logits(model), batch.labels, batch.loss_mask)
     n = batch.num_pairs
     return logps[:n], logps[n:]
 
