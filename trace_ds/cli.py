@@ -529,6 +529,53 @@ def train_command(
         )
 
 
+@main.command("eval")
+@click.option("--model", required=True, help="The model to evaluate (folder or hub id).")
+@click.option(
+    "--reference",
+    required=True,
+    help="The model before realignment (margins, KL and perplexity are relative to it).",
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Evaluation folder (e.g. a synthetic benchmark's eval/).",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON to write.")
+@click.option("--max-prompts", type=int, default=None, help="Use only the first N held-out prompts for TPA.")
+@click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding (seeded).")
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--beta", default=0.1, show_default=True)
+@click.option("--relational", type=click.Choice(["ipo", "dpo"]), default="ipo", show_default=True)
+@tokenize_options
+def eval_command(**options: Any) -> None:
+    """Preference accuracy per category, TPA (with 95% intervals) and perplexity, against the reference."""
+    from trace_ds.evaluate.run import EvalConfig, run_eval
+
+    config = EvalConfig(tokenize=_tokenize_config(options), **options)
+    metrics = run_eval(config)
+    rows = {f"preference: {k}": v for k, v in metrics["preference"].items() if not isinstance(v, dict)}
+    rows.update(
+        {
+            f"TPA {name}": f"{v['tpa']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] n={v['prompts']}"
+            for name, v in metrics["tpa"].items()
+            if v["prompts"]
+        }
+    )
+    if metrics["perplexity"]:
+        rows.update(
+            {
+                "perplexity (model)": metrics["perplexity"]["model"],
+                "perplexity (reference)": metrics["perplexity"]["reference"],
+            }
+        )
+    console.print(key_value_table(f"Evaluation of {config.model}", rows))
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks (each arm in its own process; run with nothing else on the machine)."""

@@ -1,0 +1,73 @@
+"""Evaluation: intervals, TPA bookkeeping, and `trace-ds eval` on a tiny model (the model as its own reference)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from trace_ds.cli import main
+from trace_ds.evaluate.metrics import cut_turn, target_policy_agreement, wilson_interval
+from trace_ds.synth.generator import build_benchmark
+
+
+def test_wilson_interval_known_values() -> None:
+    low, high = wilson_interval(8, 10)
+    assert (round(low, 3), round(high, 3)) == (0.490, 0.943)  # the textbook Wilson 95% interval for 8/10
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+
+
+def test_cut_turn_and_tpa_groups() -> None:
+    assert cut_turn(" Take 200 mg.\nUser: and then?") == "Take 200 mg."
+    prompts = [
+        {"prompt": "a", "shifted": True},
+        {"prompt": "b", "shifted": True},
+        {"prompt": "c", "shifted": False},
+    ]
+    tpa = target_policy_agreement(prompts, ["ok", "bad", "ok"], lambda prompt, response: response == "bad")
+    assert tpa["all"]["tpa"] == pytest.approx(2 / 3) and tpa["all"]["prompts"] == 3
+    assert tpa["shifted"]["tpa"] == 0.5 and tpa["stable"]["tpa"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_eval_of_the_reference_itself(tiny_model_dir: Path, tmp_path: Path) -> None:
+    build_benchmark(tmp_path / "bench", n_pairs=30, seed=2, n_eval_prompts=12, n_eval_pairs=24)
+    out = tmp_path / "metrics.json"
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--reference",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "bench" / "eval"),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "8",
+        "--max-length",
+        "160",
+        "--max-prompt-length",
+        "64",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    preference = metrics["preference"]
+    # policy == reference: every implicit reward is 0, so no margin is positive and the KL is 0
+    assert preference["inversion_accuracy"] == 0.0 and preference["inversion_margin"] == 0.0
+    assert preference["suppression_logp_change"] == 0.0 and preference["retention_kl"] == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert metrics["perplexity"]["model"] == metrics["perplexity"]["reference"] > 1.0
+    assert (
+        metrics["tpa"]["all"]["prompts"]
+        == metrics["tpa"]["shifted"]["prompts"] + metrics["tpa"]["stable"]["prompts"]
+        > 0
+    )
+    generations = [json.loads(line) for line in Path(metrics["generations"]).read_text().splitlines()]
+    assert len(generations) == metrics["tpa"]["all"]["prompts"]
+    assert sum(g["compliant"] for g in generations) == round(metrics["tpa"]["all"]["tpa"] * len(generations))

@@ -1,0 +1,1 @@
+"""Evaluation: preference metrics, target-policy agreement (TPA), perplexity."""

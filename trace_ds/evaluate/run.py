@@ -1,0 +1,139 @@
+"""``trace-ds eval``: preference metrics against the reference, TPA with the benchmark's judge, perplexity."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trace_ds.data.pairs import pair_from_record, read_pairs
+from trace_ds.data.tokenize import TokenizeConfig
+from trace_ds.evaluate.metrics import (
+    HeadSettings,
+    generate,
+    perplexity,
+    preference_metrics,
+    target_policy_agreement,
+)
+from trace_ds.io import TraceError, iter_jsonl, write_json, write_jsonl
+from trace_ds.judge.verdicts import read_verdicts
+from trace_ds.triage import triage
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate and on what. ``data`` is an evaluation folder laid out like the synthetic benchmark's
+    ``eval/``: ``pairs.jsonl`` + ``verdicts.jsonl`` (held-out pairs, triaged here), ``prompts.jsonl``
+    (held-out prompts for TPA, with ``shifted``), ``general.txt`` (held-out text for perplexity)."""
+
+    model: str
+    reference: str
+    data: str
+    out: str
+    max_prompts: int | None = None
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+    beta: float = 0.1
+    relational: str = "ipo"
+    dtype: str = "float32"
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+    def __post_init__(self) -> None:
+        folder = Path(self.data)
+        missing = [
+            name
+            for name in ("pairs.jsonl", "verdicts.jsonl", "prompts.jsonl")
+            if not (folder / name).exists()
+        ]
+        if missing:
+            raise TraceError(
+                f"--data {self.data}: missing {', '.join(missing)} (see docs/formats.md, evaluation folder)"
+            )
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise TraceError("--max-new-tokens and --batch-size must be at least 1")
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    import torch
+
+    from trace_ds.models import load_causal_lm, load_tokenizer, pad_token_id
+    from trace_ds.synth.judge import violates
+
+    started = time.perf_counter()
+    folder = Path(config.data)
+    tokenizer = load_tokenizer(config.model, required=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_causal_lm(config.model, config.dtype).to(device)
+    reference = load_causal_lm(config.reference, config.dtype).to(device)
+    pad_id = pad_token_id(tokenizer, model)
+
+    held_out = triage(
+        read_pairs(folder / "pairs.jsonl").pairs, read_verdicts(folder / "verdicts.jsonl").by_id
+    )
+    pairs = [pair_from_record(record) for record in held_out.records]
+    preference = preference_metrics(
+        model,
+        reference,
+        pairs,
+        tokenizer,
+        config.tokenize,
+        pad_id,
+        config.batch_size,
+        HeadSettings(config.beta, config.relational),
+    )
+
+    prompts = [record for _, record in iter_jsonl(folder / "prompts.jsonl")][: config.max_prompts]
+    responses = generate(
+        model, tokenizer, [p["prompt"] for p in prompts], config.max_new_tokens, config.batch_size,
+        config.sample, config.temperature, config.seed,
+    )  # fmt: skip
+    tpa = target_policy_agreement(prompts, responses, violates)
+    generations = Path(config.out).with_name(f"{Path(config.out).stem}.generations.jsonl")
+    write_jsonl(
+        generations,
+        (
+            {
+                "id": p["id"],
+                "prompt": p["prompt"],
+                "response": r,
+                "compliant": not violates(p["prompt"], r),
+                "shifted": p.get("shifted"),
+            }
+            for p, r in zip(prompts, responses, strict=True)
+        ),
+    )
+    general = folder / "general.txt"
+    texts = (
+        [line for line in general.read_text(encoding="utf-8").split("\n\n") if line.strip()]
+        if general.exists()
+        else []
+    )
+    metrics = {
+        "model": config.model,
+        "reference": config.reference,
+        "data": config.data,
+        "preference": preference,
+        "tpa": tpa,
+        "tpa_judge": "synth-rule",
+        "generation": {
+            "sample": config.sample,
+            "temperature": config.temperature,
+            "seed": config.seed,
+            "max_new_tokens": config.max_new_tokens,
+        },
+        "perplexity": {
+            "model": perplexity(model, tokenizer, texts),
+            "reference": perplexity(reference, tokenizer, texts),
+            "texts": len(texts),
+        }
+        if texts
+        else None,
+        "generations": str(generations),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(config.out, metrics)
+    return metrics
