@@ -529,6 +529,24 @@ def train_command(
         )
 
 
+@main.command("sft")
+@click.option("--model", required=True, help="The model to fine-tune (folder or hub id).")
+@click.option("--pairs", "pairs_source", required=True, help="Pairs whose chosen responses are the targets.")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder for the fine-tuned model."
+)
+@click.option("--epochs", default=3, show_default=True)
+@click.option("--lr", default=3e-3, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@tokenize_options
+def sft_command(pairs_source: str, **options: Any) -> None:
+    """Supervised fine-tuning on chosen responses (how the demo aligns a tiny model to the old policy)."""
+    from trace_ds.sft import SFTConfig, run_sft
+
+    run_sft(SFTConfig(pairs=pairs_source, tokenize=_tokenize_config(options), **options))
+
+
 @main.command("eval")
 @click.option("--model", required=True, help="The model to evaluate (folder or hub id).")
 @click.option(

@@ -227,11 +227,12 @@ class Strategy:
         return float(tensor.item())
 
     def close(self) -> None:
+        """Wait for every rank. The process group stays up (DeepSpeed caches groups; destroying it would break
+        a later stage in the same launch, as `trace-ds run` does) and ends with the process."""
         if self.distributed:
             import torch.distributed as dist
 
             dist.barrier()
-            dist.destroy_process_group()
 
 
 def _full_numel_shape(param: torch.Tensor) -> tuple[int, torch.Size]:
