@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -632,22 +633,59 @@ def bench_scoring(n_pairs: int, arms: str, out: str | None, **settings: Any) -> 
     console.print("command: trace-ds " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 
+@main.command("run")
+@click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--phase",
+    type=click.Choice(["all", "distributed"]),
+    default="all",
+    hidden=True,
+    help="Set by the pipeline's own launch.",
+)
+def run_command(config_path: str, phase: str) -> None:
+    """Every stage from one YAML config; finished stages are cached by a hash of their inputs and settings."""
+    from trace_ds.pipeline import Pipeline, load_config
+
+    pipeline = Pipeline(load_config(config_path), config_path)
+    if phase == "distributed":
+        pipeline.run_distributed_phase()
+        return
+    summary = pipeline.run()
+    _print_pipeline_summary(pipeline, summary)
+
+
+def _print_pipeline_summary(pipeline: Any, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"trace-ds run: {summary['seconds']} s", header_style="bold")
+    for column in ("stage", "key", "seconds"):
+        table.add_column(column)
+    for stage in pipeline.stages:
+        done = stage.directory / "done.json"
+        seconds = json.loads(done.read_text()).get("seconds") if done.exists() else None
+        table.add_row(stage.name, stage.key, "-" if seconds is None else str(seconds))
+    console.print(table)
+    report = next((s.directory / "report.md" for s in pipeline.stages if s.name == "report"), None)
+    if report is not None and report.exists():
+        console.print(report.read_text(encoding="utf-8"), highlight=False, soft_wrap=True, markup=False)
+        console.print(f"report: {report}")
+
+
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--pairs", "n_pairs", default=2000, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def demo(out: str, n_pairs: int, seed: int) -> None:
-    """The built-in default job: build the synthetic benchmark, triage it, print the report."""
-    from trace_ds.triage import run_triage
+@click.option("--ranks", default=2, show_default=True, help="Ranks of the ZeRO-3 training launch.")
+@click.option("--all-baselines", is_flag=True, help="Also run TRACE w/o impact weighting and w/o KL.")
+def demo(out: str, n_pairs: int, seed: int, ranks: int, all_baselines: bool) -> None:
+    """The built-in job: synthetic policy shift, tiny old-policy model, TRACE vs naive DPO, report."""
+    from trace_ds.pipeline import Pipeline, load_config, write_demo_config
 
-    bench = Path(out) / "synth"
-    _build_synth(str(bench), n_pairs, seed)
-    console.print(f"synthetic benchmark written to {bench}")
-    report = run_triage(
-        str(bench / "pairs.jsonl"), str(bench / "verdicts.jsonl"), str(Path(out) / "triaged.jsonl")
-    )
-    print_triage_report(report)
-    console.print(f"triaged pairs: {report['outputs']['triaged']}")
+    methods = ["trace", "naive_dpo"] + (["no_impact", "no_kl"] if all_baselines else [])
+    config_path = write_demo_config(out, seed, n_pairs, methods, ranks)
+    console.print(f"demo config: {config_path} (edit it and run `trace-ds run {config_path}`)")
+    pipeline = Pipeline(load_config(config_path), str(config_path))
+    _print_pipeline_summary(pipeline, pipeline.run())
 
 
 if __name__ == "__main__":

@@ -33,6 +33,23 @@ DEFAULT_TRAIN_CONFIG: dict[str, Any] = {
 }
 
 
+# ds_configs/cpu.json, packaged: ZeRO-3 in fp32 with torch AdamW (nothing to compile), for CPU ranks.
+CPU_ZERO3_CONFIG: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": 1.0,
+    "zero_optimization": {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    "bf16": {"enabled": False},
+    "fp16": {"enabled": False},
+    "zero_allow_untested_optimizer": True,
+    "wall_clock_breakdown": False,
+}
+
+
 def _single_process_defaults() -> None:
     """Let a plain ``trace-ds train`` (no launcher) form a one-rank process group."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:

@@ -1,0 +1,257 @@
+"""``trace-ds run CONFIG.yaml``: every stage from one config, cached by a hash of its inputs and settings.
+
+Each stage writes into ``<workdir>/stages/<name>-<key>/`` and marks it done with ``done.json``. The key
+hashes the stage's settings, the keys of the stages it reads and the trace-ds version, so a rerun skips
+finished stages and a changed setting reruns exactly the stages that depend on it.
+
+Stages run in three phases: local preparation (data, models, triage, derived inputs for baselines), the
+distributed training stages (scoring and every method's training, in ONE ``deepspeed`` launch when
+``launch.ranks`` > 1), and local evaluation and the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trace_ds import __version__
+from trace_ds.console import console
+from trace_ds.io import TraceError, read_json, write_json
+
+METHODS = {
+    "trace": "TRACE (triage, impact weights, KL)",
+    "naive_dpo": "naive oracle DPO (every judged pair, new orientation, uniform, no KL)",
+    "no_impact": "TRACE w/o impact weighting (all conflict weights 1)",
+    "no_kl": "TRACE w/o KL (alpha_kl = 0)",
+}
+DEFAULTS: dict[str, Any] = {
+    "workdir": "runs/pipeline",
+    "seed": 0,
+    "tokenize": {"max_length": 1024, "max_prompt_length": 512},
+    "score": {"probe_size": 64, "beta": 0.1, "micro_batch": 8},
+    "train": {"epochs": 1, "micro_batch": 8, "lr": 1e-6, "beta": 0.1, "alpha_kl": 1.0},
+    "eval": {"max_new_tokens": 48, "batch_size": 16},
+    "methods": ["trace"],
+    "launch": {"ranks": 1, "deepspeed": None},
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    phase: str  # "prepare", "distributed" or "finish"
+    settings: dict[str, Any]
+    inputs: list[str]
+    run: Callable[[Path, dict[str, Path]], dict[str, Any]]
+    key: str = ""
+    directory: Path = field(default_factory=Path)
+
+    def done(self) -> bool:
+        return (self.directory / "done.json").exists()
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise TraceError(f"{path}: {err}") from err
+    config = {**DEFAULTS, **raw}
+    for section in ("tokenize", "score", "train", "eval", "launch"):
+        config[section] = {**DEFAULTS[section], **(raw.get(section) or {})}
+    unknown = [m for m in config["methods"] if m not in METHODS]
+    if unknown:
+        raise TraceError(f"{path}: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    data = config.get("data") or {}
+    if "synth" not in data and not {"pairs", "verdicts", "eval"} <= data.keys():
+        raise TraceError(
+            f"{path}: data needs either synth: {{...}} or pairs, verdicts and eval (an evaluation folder)"
+        )
+    model = config.get("model") or {}
+    if "path" not in model and "build_tiny" not in model:
+        raise TraceError(
+            f"{path}: model needs either path: (the old-policy model) or build_tiny: {{...}} with sft: {{...}}"
+        )
+    return config
+
+
+class Pipeline:
+    def __init__(self, config: dict[str, Any], config_path: str):
+        self.config = config
+        self.config_path = config_path
+        self.workdir = Path(config["workdir"])
+        self.stages = self._plan()
+        self._assign_keys()
+
+    # ---- the plan ----
+    def _plan(self) -> list[Stage]:
+        from trace_ds.pipeline_stages import plan_stages
+
+        return plan_stages(self.config)
+
+    def _assign_keys(self) -> None:
+        by_name = {stage.name: stage for stage in self.stages}
+        for stage in self.stages:
+            payload = {
+                "name": stage.name,
+                "settings": stage.settings,
+                "inputs": {name: by_name[name].key for name in stage.inputs},
+                "version": __version__,
+            }
+            stage.key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+                :12
+            ]
+            stage.directory = self.workdir / "stages" / f"{stage.name}-{stage.key}"
+
+    def dirs(self, stage: Stage) -> dict[str, Path]:
+        by_name = {s.name: s for s in self.stages}
+        return {name: by_name[name].directory for name in stage.inputs}
+
+    # ---- running ----
+    def run(self) -> dict[str, Any]:
+        """The whole pipeline from the top-level process."""
+        started = time.perf_counter()
+        self._run_phase("prepare")
+        pending = [s for s in self.stages if s.phase == "distributed" and not s.done()]
+        ranks = int(self.config["launch"]["ranks"])
+        if pending and ranks > 1:
+            self._launch(ranks, pending)
+        else:
+            self._run_phase("distributed")
+        self._run_phase("finish")
+        summary = self.summary(time.perf_counter() - started)
+        write_json(self.workdir / "pipeline.json", summary)
+        return summary
+
+    def _run_phase(self, phase: str, is_main: bool = True) -> None:
+        for stage in self.stages:
+            if stage.phase != phase:
+                continue
+            if stage.done():
+                if is_main:
+                    console.print(f"[dim]cached[/]  {stage.name} ({stage.directory})")
+                continue
+            if is_main:
+                console.rule(f"{stage.name}")
+            started = time.perf_counter()
+            stage.directory.mkdir(parents=True, exist_ok=True)
+            result = stage.run(stage.directory, self.dirs(stage)) or {}
+            if is_main:
+                write_json(
+                    stage.directory / "done.json",
+                    {
+                        "stage": stage.name,
+                        "key": stage.key,
+                        "seconds": round(time.perf_counter() - started, 2),
+                        **result,
+                    },
+                )
+
+    def run_distributed_phase(self) -> None:
+        """Inside the one ``deepspeed`` launch: every rank runs the same stages; rank 0 marks them done."""
+        rank = int(os.environ.get("RANK", "0"))
+        self._run_phase("distributed", is_main=rank == 0)
+
+    def _launch(self, ranks: int, pending: list[Stage]) -> None:
+        bin_dir = Path(sys.executable).parent
+        command = [
+            str(bin_dir / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(_free_port()),
+            str(bin_dir / "trace-ds"),
+            "run",
+            self.config_path,
+            "--phase",
+            "distributed",
+        ]
+        console.print(f"launching {len(pending)} distributed stage(s) on {ranks} ranks: {' '.join(command)}")
+        env = dict(os.environ)
+        env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+        result = subprocess.run(command, env=env, check=False)
+        if result.returncode != 0:
+            raise TraceError(
+                f"the distributed stages failed (exit {result.returncode}); rerun the same command to resume"
+            )
+        missing = [s.name for s in pending if not s.done()]
+        if missing:
+            raise TraceError(f"the distributed launch finished without completing {missing}")
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        return {
+            "config": self.config_path,
+            "seconds": round(seconds, 1),
+            "stages": {
+                s.name: {"key": s.key, "dir": str(s.directory), "done": s.done()} for s in self.stages
+            },
+        }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def read_done(directory: Path) -> dict[str, Any]:
+    return read_json(directory / "done.json")
+
+
+DEMO_CONFIG = """\
+# The built-in demo: a synthetic policy shift, a tiny Llama model aligned to the OLD policy by SFT, then TRACE
+# (and baselines) realigning it with 2-rank ZeRO-3 on the CPU. Edit and rerun: finished stages are cached.
+workdir: {workdir}
+seed: {seed}
+data:
+  synth: {{pairs: {pairs}, seed: {seed}, eval_prompts: 300, eval_pairs: 300}}
+model:
+  build_tiny: {{vocab_size: 1024, hidden_size: 128, num_layers: 4, num_heads: 4, num_kv_heads: 2, intermediate_size: 344, max_position_embeddings: 256, tie_word_embeddings: true}}
+  sft: {{epochs: 3, lr: 0.003, batch_size: 32}}
+tokenize: {{max_length: 160, max_prompt_length: 64}}
+score: {{probe_size: 60, beta: 0.1, micro_batch: 16}}
+train: {{epochs: 1, micro_batch: 8, lr: 0.0005, beta: 0.1, alpha_kl: 20.0}}
+eval: {{max_new_tokens: 48, batch_size: 32}}
+methods: {methods}
+launch: {{ranks: {ranks}, deepspeed: {deepspeed}}}
+"""
+
+
+def write_demo_config(workdir: str, seed: int, pairs: int, methods: list[str], ranks: int) -> Path:
+    """The demo's config file (and the CPU ZeRO-3 DeepSpeed config it launches with) under ``workdir``."""
+    from trace_ds.engine import CPU_ZERO3_CONFIG
+
+    folder = Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds_path = folder / "ds_cpu_zero3.json"
+    write_json(ds_path, CPU_ZERO3_CONFIG)
+    text = DEMO_CONFIG.format(
+        workdir=workdir,
+        seed=seed,
+        pairs=pairs,
+        methods=json.dumps(methods),
+        ranks=ranks,
+        deepspeed=json.dumps(str(ds_path)),
+    )
+    path = folder / "demo.yaml"
+    from trace_ds.io import write_text
+
+    write_text(path, text)
+    return path

@@ -1,0 +1,344 @@
+"""The stages of ``trace-ds run`` and what each reads and writes (see trace_ds.pipeline for caching)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trace_ds.io import read_json, write_json, write_jsonl
+
+
+def _paths(directory: Path) -> dict[str, str]:
+    return read_json(directory / "paths.json")
+
+
+def _tokenize(config: dict[str, Any]) -> Any:
+    from trace_ds.data.tokenize import TokenizeConfig
+
+    return TokenizeConfig(**config["tokenize"])
+
+
+def _file_identity(path: str) -> dict[str, Any]:
+    """Part of a stage key for user files: a changed file reruns what depends on it."""
+    target = Path(path)
+    if target.is_dir():
+        return {p.name: _file_identity(str(p)) for p in sorted(target.iterdir()) if p.is_file()}
+    stat = target.stat()
+    return {"path": str(target.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def plan_stages(config: dict[str, Any]) -> list[Any]:
+    from trace_ds.pipeline import Stage
+
+    stages: list[Stage] = []
+    data, model = config["data"], config["model"]
+    ranks = int(config["launch"]["ranks"])
+    deepspeed_config = config["launch"].get("deepspeed") if ranks > 1 else None
+
+    # ---- prepare ----
+    if "synth" in data:
+        stages.append(Stage("data", "prepare", {"synth": data["synth"]}, [], _synth_stage(data["synth"])))
+    else:
+        files = {k: data[k] for k in ("pairs", "verdicts", "eval")}
+        stages.append(
+            Stage(
+                "data",
+                "prepare",
+                {"files": {k: _file_identity(v) for k, v in files.items()}},
+                [],
+                _given_data(files),
+            )
+        )
+    if "path" in model:
+        stages.append(Stage("old_model", "prepare", {"path": model["path"]}, [], _given_model(model["path"])))
+    else:
+        stages.append(
+            Stage(
+                "base_model",
+                "prepare",
+                {"build_tiny": model["build_tiny"], "seed": config["seed"]},
+                ["data"],
+                _build_tiny(model["build_tiny"], config["seed"]),
+            )
+        )
+        sft = {"epochs": 3, "lr": 3e-3, "batch_size": 32, **(model.get("sft") or {})}
+        stages.append(
+            Stage(
+                "old_model",
+                "prepare",
+                {"sft": sft, "tokenize": config["tokenize"], "seed": config["seed"]},
+                ["data", "base_model"],
+                _sft(sft, config),
+            )
+        )
+    stages.append(Stage("triage", "prepare", {}, ["data"], _triage))
+    methods = list(config["methods"])
+    for method in methods:
+        if method in ("naive_dpo", "no_impact"):
+            stages.append(
+                Stage(f"derive_{method}", "prepare", {"method": method}, ["triage"], _derive(method))
+            )
+
+    # ---- distributed ----
+    score_settings = {
+        **config["score"],
+        "tokenize": config["tokenize"],
+        "seed": config["seed"],
+        "deepspeed": deepspeed_config,
+    }
+    stages.append(
+        Stage("score", "distributed", score_settings, ["old_model", "triage"], _score(score_settings, config))
+    )
+    for method in methods:
+        settings = {
+            **config["train"],
+            "method": method,
+            "tokenize": config["tokenize"],
+            "seed": config["seed"],
+            "deepspeed": deepspeed_config,
+        }
+        inputs = [
+            "old_model",
+            "triage",
+            f"derive_{method}" if method in ("naive_dpo", "no_impact") else "score",
+        ]
+        stages.append(
+            Stage(f"train_{method}", "distributed", settings, inputs, _train(method, settings, config))
+        )
+
+    # ---- finish ----
+    eval_settings = {**config["eval"], "tokenize": config["tokenize"], "seed": config["seed"]}
+    stages.append(
+        Stage(
+            "eval_old", "finish", eval_settings, ["data", "old_model"], _evaluate(None, eval_settings, config)
+        )
+    )
+    for method in methods:
+        stages.append(
+            Stage(
+                f"eval_{method}",
+                "finish",
+                eval_settings,
+                ["data", "old_model", f"train_{method}"],
+                _evaluate(method, eval_settings, config),
+            )
+        )
+    report_inputs = ["eval_old", *(f"eval_{m}" for m in methods), "score", *(f"train_{m}" for m in methods)]
+    stages.append(Stage("report", "finish", {"methods": methods}, report_inputs, _report(methods)))
+    return stages
+
+
+# ---- stage bodies: each returns a small summary that goes into done.json ----
+
+
+def _synth_stage(settings: dict[str, Any]) -> Any:
+    def run(directory: Path, _: dict[str, Path]) -> dict[str, Any]:
+        from trace_ds.synth.generator import build_benchmark
+
+        bench = directory / "bench"
+        manifest = build_benchmark(bench, **{"n_pairs": 2000, **_rename(settings)})
+        write_json(
+            directory / "paths.json",
+            {
+                "pairs": str(bench / "pairs.jsonl"),
+                "verdicts": str(bench / "verdicts.jsonl"),
+                "eval": str(bench / "eval"),
+                "corpus": str(bench / "corpus.txt"),
+            },
+        )
+        return {"counts": manifest.get("counts")}
+
+    return run
+
+
+def _rename(settings: dict[str, Any]) -> dict[str, Any]:
+    names = {"pairs": "n_pairs", "eval_prompts": "n_eval_prompts", "eval_pairs": "n_eval_pairs"}
+    return {names.get(k, k): v for k, v in settings.items()}
+
+
+def _given_data(files: dict[str, str]) -> Any:
+    def run(directory: Path, _: dict[str, Path]) -> dict[str, Any]:
+        write_json(directory / "paths.json", files)
+        return {}
+
+    return run
+
+
+def _given_model(path: str) -> Any:
+    def run(directory: Path, _: dict[str, Path]) -> dict[str, Any]:
+        write_json(directory / "paths.json", {"model": path})
+        return {}
+
+    return run
+
+
+def _build_tiny(settings: dict[str, Any], seed: int) -> Any:
+    def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+        from trace_ds.tiny import build_tiny_llama, train_tokenizer
+
+        corpus = Path(_paths(inputs["data"])["corpus"]).read_text(encoding="utf-8").split("\n\n")
+        options = dict(settings)
+        vocab = options.pop("vocab_size", 1024)
+        documents = options.pop("tokenizer_documents", 8000)
+        out = directory / "model"
+        tokenizer = train_tokenizer(
+            [c for c in corpus[:documents] if c.strip()], out, vocab_size=vocab, seed=seed
+        )
+        build_tiny_llama(out, vocab_size=len(tokenizer), seed=seed, **options)
+        tokenizer.save_pretrained(str(out))
+        write_json(directory / "paths.json", {"model": str(out)})
+        return {"vocab": len(tokenizer)}
+
+    return run
+
+
+def _sft(settings: dict[str, Any], config: dict[str, Any]) -> Any:
+    def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+        from trace_ds.sft import SFTConfig, run_sft
+
+        out = directory / "model"
+        summary = run_sft(
+            SFTConfig(
+                model=_paths(inputs["base_model"])["model"],
+                pairs=_paths(inputs["data"])["pairs"],
+                out=str(out),
+                seed=config["seed"],
+                tokenize=_tokenize(config),
+                **settings,
+            )
+        )
+        write_json(directory / "paths.json", {"model": str(out)})
+        return summary
+
+    return run
+
+
+def _triage(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+    from trace_ds.triage import run_triage
+
+    paths = _paths(inputs["data"])
+    report = run_triage(paths["pairs"], paths["verdicts"], str(directory / "triaged.jsonl"))
+    write_json(directory / "paths.json", {"triaged": str(directory / "triaged.jsonl")})
+    return {"categories": report["categories"], "unjudged": report["unjudged"]}
+
+
+def _derive(method: str) -> Any:
+    """Inputs of the baselines that change the data: naive oracle DPO routes every judged pair to the DPO
+    head in its new orientation (suppression pairs keep their old order); both use uniform weights."""
+
+    def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+        triaged = Path(_paths(inputs["triage"])["triaged"])
+        records = [
+            json.loads(line) for line in triaged.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+        if method == "naive_dpo":
+            records = [{**r, "category": "inversion", "original_category": r["category"]} for r in records]
+        scores = [
+            {"id": r["id"], "category": r["category"], "raw_score": 1.0, "weight": 1.0}
+            for r in records
+            if r["category"] != "retention"
+        ]
+        write_jsonl(directory / "triaged.jsonl", records)
+        write_jsonl(directory / "scores.jsonl", scores)
+        write_json(
+            directory / "paths.json",
+            {"triaged": str(directory / "triaged.jsonl"), "scores": str(directory / "scores.jsonl")},
+        )
+        return {"pairs": len(records)}
+
+    return run
+
+
+def _score(settings: dict[str, Any], config: dict[str, Any]) -> Any:
+    def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+        from trace_ds.config import ScoreConfig
+        from trace_ds.scoring.scorer import run_score
+
+        options = {k: v for k, v in settings.items() if k not in ("tokenize", "deepspeed")}
+        meta = run_score(
+            ScoreConfig(
+                model=_paths(inputs["old_model"])["model"],
+                triaged=_paths(inputs["triage"])["triaged"],
+                out=str(directory / "scores.jsonl"),
+                deepspeed=settings["deepspeed"],
+                tokenize=_tokenize(config),
+                **options,
+            )
+        )
+        write_json(directory / "paths.json", {"scores": str(directory / "scores.jsonl")})
+        return {"timings": meta.get("timings")} if meta else {}
+
+    return run
+
+
+def _train(method: str, settings: dict[str, Any], config: dict[str, Any]) -> Any:
+    def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+        from trace_ds.config import TrainConfig
+        from trace_ds.train import run_train
+
+        options = {k: v for k, v in settings.items() if k not in ("tokenize", "deepspeed", "method")}
+        if method in ("naive_dpo", "no_impact"):
+            source = _paths(inputs[f"derive_{method}"])
+            triaged, scores = source["triaged"], source["scores"]
+        else:
+            triaged, scores = _paths(inputs["triage"])["triaged"], _paths(inputs["score"])["scores"]
+        if method == "naive_dpo":
+            options.update(relational="dpo", alpha_kl=0.0)
+        if method == "no_kl":
+            options["alpha_kl"] = 0.0
+        out = directory / "run"
+        resume = (out / "checkpoints" / "latest").exists()
+        run_train(
+            TrainConfig(
+                model=_paths(inputs["old_model"])["model"],
+                triaged=triaged,
+                scores=scores,
+                out=str(out),
+                deepspeed=settings["deepspeed"],
+                resume=resume,
+                tokenize=_tokenize(config),
+                **options,
+            )
+        )
+        write_json(
+            directory / "paths.json", {"model": str(out / "final"), "metrics": str(out / "metrics.jsonl")}
+        )
+        return {}
+
+    return run
+
+
+def _evaluate(method: str | None, settings: dict[str, Any], config: dict[str, Any]) -> Any:
+    def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+        from trace_ds.evaluate.run import EvalConfig, run_eval
+
+        old = _paths(inputs["old_model"])["model"]
+        model = old if method is None else _paths(inputs[f"train_{method}"])["model"]
+        options = {k: v for k, v in settings.items() if k not in ("tokenize",)}
+        metrics = run_eval(
+            EvalConfig(
+                model=model,
+                reference=old,
+                data=_paths(inputs["data"])["eval"],
+                out=str(directory / "metrics.json"),
+                tokenize=_tokenize(config),
+                **options,
+            )
+        )
+        write_json(directory / "paths.json", {"metrics": str(directory / "metrics.json")})
+        return {"tpa": metrics["tpa"]["all"]["tpa"]}
+
+    return run
+
+
+def _report(methods: list[str]) -> Any:
+    def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+        from trace_ds.evaluate.report import write_report
+
+        evaluations = {"old": read_json(inputs["eval_old"] / "metrics.json")}
+        evaluations.update({m: read_json(inputs[f"eval_{m}"] / "metrics.json") for m in methods})
+        training = {m: _paths(inputs[f"train_{m}"])["metrics"] for m in methods}
+        return write_report(directory, evaluations, _paths(inputs["score"])["scores"], training)
+
+    return run
