@@ -68,6 +68,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
     config = {**DEFAULTS, **raw}
     for section in ("tokenize", "score", "train", "eval", "launch"):
         config[section] = {**DEFAULTS[section], **(raw.get(section) or {})}
+    if "max_steps" in (raw.get("train") or {}) and "epochs" not in raw["train"]:
+        config["train"].pop("epochs")  # the default epoch count gives way to an explicit step count
     unknown = [m for m in config["methods"] if m not in METHODS]
     if unknown:
         raise TraceError(f"{path}: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -122,11 +124,8 @@ class Pipeline:
         started = time.perf_counter()
         self._run_phase("prepare")
         pending = [s for s in self.stages if s.phase == "distributed" and not s.done()]
-        ranks = int(self.config["launch"]["ranks"])
-        if pending and ranks > 1:
-            self._launch(ranks, pending)
-        else:
-            self._run_phase("distributed")
+        if pending:  # in their own processes: a training stage's process group must not outlive it here
+            self._launch(int(self.config["launch"]["ranks"]), pending)
         self._run_phase("finish")
         summary = self.summary(time.perf_counter() - started)
         write_json(self.workdir / "pipeline.json", summary)
@@ -163,18 +162,20 @@ class Pipeline:
 
     def _launch(self, ranks: int, pending: list[Stage]) -> None:
         bin_dir = Path(sys.executable).parent
-        command = [
-            str(bin_dir / "deepspeed"),
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            str(_free_port()),
-            str(bin_dir / "trace-ds"),
-            "run",
-            self.config_path,
-            "--phase",
-            "distributed",
-        ]
+        stage_args = ["run", self.config_path, "--phase", "distributed"]
+        if ranks > 1:
+            port = str(_free_port())
+            command = [
+                str(bin_dir / "deepspeed"),
+                "--num_gpus",
+                str(ranks),
+                "--master_port",
+                port,
+                str(bin_dir / "trace-ds"),
+                *stage_args,
+            ]
+        else:
+            command = [sys.executable, "-m", "trace_ds.cli", *stage_args]
         console.print(f"launching {len(pending)} distributed stage(s) on {ranks} ranks: {' '.join(command)}")
         env = dict(os.environ)
         env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
