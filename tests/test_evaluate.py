@@ -71,3 +71,51 @@ def test_eval_of_the_reference_itself(tiny_model_dir: Path, tmp_path: Path) -> N
     generations = [json.loads(line) for line in Path(metrics["generations"]).read_text().splitlines()]
     assert len(generations) == metrics["tpa"]["all"]["prompts"]
     assert sum(g["compliant"] for g in generations) == round(metrics["tpa"]["all"]["tpa"] * len(generations))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_eval_drops_and_reports_prompts_seen_in_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from trace_ds.io import write_jsonl
+
+    build_benchmark(tmp_path / "bench", n_pairs=30, seed=2, n_eval_prompts=12, n_eval_pairs=24)
+    eval_dir = tmp_path / "bench" / "eval"
+    prompts = [json.loads(line) for line in (eval_dir / "prompts.jsonl").read_text().splitlines()]
+    eval_pairs = [json.loads(line) for line in (eval_dir / "pairs.jsonl").read_text().splitlines()]
+    leaked = (
+        tmp_path / "training.jsonl"
+    )  # a training set that (wrongly) contains 3 eval prompts and 2 eval pairs
+    write_jsonl(
+        leaked,
+        [
+            {"id": f"t{i}", "prompt": p["prompt"].upper(), "chosen": "a", "rejected": "b"}
+            for i, p in enumerate(prompts[:3])
+        ]
+        + [{**p, "id": f"u{i}"} for i, p in enumerate(eval_pairs[:2])],
+    )
+    out = tmp_path / "metrics.json"
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--reference",
+        str(tiny_model_dir),
+        "--data",
+        str(eval_dir),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        "--max-length",
+        "160",
+        "--max-prompt-length",
+        "64",
+        "--exclude",
+        str(leaked),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    overlap = metrics["overlap"]
+    assert overlap["eval_prompts_seen_in_them"] == 3 and overlap["eval_pairs_sharing_a_prompt_with_them"] >= 2
+    assert metrics["tpa"]["all"]["prompts"] == len({p["prompt"] for p in prompts}) - 3

@@ -570,12 +570,18 @@ def sft_command(pairs_source: str, **options: Any) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--beta", default=0.1, show_default=True)
 @click.option("--relational", type=click.Choice(["ipo", "dpo"]), default="ipo", show_default=True)
+@click.option(
+    "--exclude",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Pairs (training set, probe) whose prompts are dropped from evaluation; overlaps are reported. Repeatable.",
+)
 @tokenize_options
-def eval_command(**options: Any) -> None:
+def eval_command(exclude: tuple[str, ...], **options: Any) -> None:
     """Preference accuracy per category, TPA (with 95% intervals) and perplexity, against the reference."""
     from trace_ds.evaluate.run import EvalConfig, run_eval
 
-    config = EvalConfig(tokenize=_tokenize_config(options), **options)
+    config = EvalConfig(exclude=exclude, tokenize=_tokenize_config(options), **options)
     metrics = run_eval(config)
     rows = {f"preference: {k}": v for k, v in metrics["preference"].items() if not isinstance(v, dict)}
     rows.update(

@@ -266,7 +266,11 @@ def _score(settings: dict[str, Any], config: dict[str, Any]) -> Any:
                 **options,
             )
         )
-        write_json(directory / "paths.json", {"scores": str(directory / "scores.jsonl")})
+        probe = directory / "scores.probe.jsonl"
+        write_json(
+            directory / "paths.json",
+            {"scores": str(directory / "scores.jsonl"), "probe": [str(probe)] if probe.exists() else []},
+        )
         return {"timings": meta.get("timings")} if meta else {}
 
     return run

@@ -40,6 +40,7 @@ class EvalConfig:
     beta: float = 0.1
     relational: str = "ipo"
     dtype: str = "float32"
+    exclude: tuple[str, ...] = ()  # pair files whose prompts must not be evaluated (training set, probe)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
     def __post_init__(self) -> None:
@@ -57,6 +58,20 @@ class EvalConfig:
             raise TraceError("--max-new-tokens and --batch-size must be at least 1")
 
 
+def prompt_key(prompt: Any) -> str:
+    """Prompts compared for deduplication: text (a conversation as its transcript), case and spaces folded."""
+    from trace_ds.data.tokenize import plain_transcript
+
+    text = (
+        prompt
+        if isinstance(prompt, str)
+        else plain_transcript(prompt)
+        if isinstance(prompt, list)
+        else str(prompt)
+    )
+    return " ".join(text.lower().split())
+
+
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     import torch
 
@@ -71,10 +86,12 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     reference = load_causal_lm(config.reference, config.dtype).to(device)
     pad_id = pad_token_id(tokenizer, model)
 
+    seen = {prompt_key(p.prompt) for source in config.exclude for p in read_pairs(source).pairs}
     held_out = triage(
         read_pairs(folder / "pairs.jsonl").pairs, read_verdicts(folder / "verdicts.jsonl").by_id
     )
-    pairs = [pair_from_record(record) for record in held_out.records]
+    all_pairs = [pair_from_record(record) for record in held_out.records]
+    pairs = [p for p in all_pairs if prompt_key(p.prompt) not in seen]
     preference = preference_metrics(
         model,
         reference,
@@ -86,7 +103,17 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         HeadSettings(config.beta, config.relational),
     )
 
-    prompts = [record for _, record in iter_jsonl(folder / "prompts.jsonl")][: config.max_prompts]
+    every_prompt = [record for _, record in iter_jsonl(folder / "prompts.jsonl")]
+    unique: dict[str, dict[str, Any]] = {}
+    for record in every_prompt:
+        unique.setdefault(prompt_key(record["prompt"]), record)
+    prompts = [r for key, r in unique.items() if key not in seen][: config.max_prompts]
+    overlap = {
+        "excluded_sources": list(config.exclude),
+        "eval_pairs_sharing_a_prompt_with_them": len(all_pairs) - len(pairs),
+        "eval_prompts_seen_in_them": sum(1 for key in unique if key in seen),
+        "duplicate_eval_prompts": len(every_prompt) - len(unique),
+    }
     responses = generate(
         model, tokenizer, [p["prompt"] for p in prompts], config.max_new_tokens, config.batch_size,
         config.sample, config.temperature, config.seed,
@@ -117,6 +144,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         "reference": config.reference,
         "data": config.data,
         "preference": preference,
+        "overlap": overlap,
         "tpa": tpa,
         "tpa_judge": "synth-rule",
         "generation": {
