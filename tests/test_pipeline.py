@@ -33,7 +33,7 @@ SMALL = {
     "score": {"probe_size": 6, "beta": 0.1, "micro_batch": 8, "allow_empty": True},
     "train": {"max_steps": 2, "micro_batch": 4, "lr": 0.0005, "beta": 0.1, "alpha_kl": 1.0},
     "eval": {"max_new_tokens": 8, "batch_size": 8},
-    "methods": ["trace", "naive_dpo"],
+    "methods": ["trace", "naive_dpo", "no_triage"],
     "launch": {"ranks": 1},
 }
 
@@ -78,7 +78,7 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path) -> No
     second = Pipeline(load_config(changed), str(changed))
     keys_before = {s.name: s.key for s in first.stages}
     rerun = {s.name for s in second.stages if s.key != keys_before[s.name]}
-    assert rerun == {"train_trace", "train_naive_dpo", "eval_trace", "eval_naive_dpo", "report"}
+    assert rerun == {f"{kind}_{m}" for kind in ("train", "eval") for m in ("trace", "naive_dpo", "no_triage")} | {"report"}
     result = CliRunner().invoke(main, ["run", str(changed)])
     assert result.exit_code == 0, result.output
     after = done_times(second)

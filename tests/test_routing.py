@@ -67,6 +67,8 @@ def test_each_head_gets_its_pairs_and_nothing_else(tmp_path) -> None:
     assert conflict[0].item() == pytest.approx(ipo_loss(rc[0] - rr[0], 0.5).item(), rel=1e-5)
     assert conflict[1].item() == pytest.approx((npo_loss(rc[1], 0.5) + npo_loss(rr[1], 0.5)).item(), rel=1e-5)
     assert conflict[2].item() == 0.0  # retention has no conflict loss
+    unlearning = compute_losses(policy, ref_logits, batch, ["unlearning"] * 4, weights, config)[0]
+    assert unlearning[1].item() == pytest.approx(npo_loss(rc[1], 0.5).item(), rel=1e-5)  # chosen only
     assert conflict_w.tolist() == [0.5, 2.0, 0.0, 0.0]
     expected_kl = token_kl(logits[2:3], ref[2:3], batch.loss_mask[2:3])
     assert kl[2].item() == pytest.approx(expected_kl.item(), rel=1e-5) and kl[2].item() > 0

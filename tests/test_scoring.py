@@ -11,7 +11,7 @@ import torch
 from trace_ds.config import LoraConfig, ScoreConfig
 from trace_ds.data.tokenize import TokenizedPair
 from trace_ds.io import TraceError
-from trace_ds.losses import relational_loss, sequence_logps, suppression_loss
+from trace_ds.losses import npo_loss, relational_loss, sequence_logps, suppression_loss
 from trace_ds.scoring.scorer import GhostScorer, Scored, normalize_weights
 
 VOCAB = 97
@@ -102,6 +102,8 @@ def reference_loss(model, pair: TokenizedPair, category: str, cfg: ScoreConfig) 
     rc, rr = (lp - lp.detach() for lp in logps)
     if category == "suppression":
         return suppression_loss(rc, rr, cfg.beta)
+    if category == "unlearning":
+        return npo_loss(rc, cfg.beta)
     return relational_loss(rc - rr, cfg.beta, cfg.relational)
 
 
@@ -138,7 +140,7 @@ def test_scores_equal_fp64_per_pair_autograd(case: str) -> None:
     cfg = config(relational=relational, beta=0.5)
     probe = random_pairs(5, seed=10, prefix="probe")
     pairs = random_pairs(9, seed=11)
-    categories = ["inversion" if i % 3 else "suppression" for i in range(len(pairs))]
+    categories = [("suppression", "inversion", "unlearning")[i % 3] for i in range(len(pairs))]
     got = ghost_scores(model, probe, pairs, categories, cfg)
     want, norms, g_norm = reference_scores(model, probe, pairs, categories, cfg)
     errors = [abs(a - b) / (n * g_norm) for a, b, n in zip(got, want, norms, strict=True)]

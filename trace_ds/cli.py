@@ -682,12 +682,12 @@ def _print_pipeline_summary(pipeline: Any, summary: dict[str, Any]) -> None:
 @click.option("--pairs", "n_pairs", default=2000, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--ranks", default=2, show_default=True, help="Ranks of the ZeRO-3 training launch.")
-@click.option("--all-baselines", is_flag=True, help="Also run TRACE w/o impact weighting and w/o KL.")
+@click.option("--all-baselines", is_flag=True, help="Also run TRACE w/o impact weighting, w/o KL and w/o triage.")
 def demo(out: str, n_pairs: int, seed: int, ranks: int, all_baselines: bool) -> None:
     """The built-in job: synthetic policy shift, tiny old-policy model, TRACE vs naive DPO, report."""
     from trace_ds.pipeline import Pipeline, load_config, write_demo_config
 
-    methods = ["trace", "naive_dpo"] + (["no_impact", "no_kl"] if all_baselines else [])
+    methods = ["trace", "naive_dpo"] + (["no_impact", "no_kl", "no_triage"] if all_baselines else [])
     config_path = write_demo_config(out, seed, n_pairs, methods, ranks)
     console.print(f"demo config: {config_path} (edit it and run `trace-ds run {config_path}`)")
     pipeline = Pipeline(load_config(config_path), str(config_path))

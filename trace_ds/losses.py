@@ -59,6 +59,36 @@ def suppression_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
     return npo_loss(reward_chosen, beta) + npo_loss(reward_rejected, beta)
 
 
+HEADS = {
+    "inversion": "relational loss on the (swapped) pair",
+    "suppression": "NPO on both responses",
+    "unlearning": "NPO on the chosen response only (the w/o-triage baseline's head)",
+    "retention": "no conflict loss (KL head)",
+}
+
+
+def conflict_losses(
+    reward_chosen: torch.Tensor,
+    reward_rejected: torch.Tensor,
+    categories: list[str],
+    beta: float,
+    relational: Relational,
+) -> torch.Tensor:
+    """Per-pair conflict loss, routed by category with masks (never by skipping computation)."""
+    unknown = set(categories) - HEADS.keys()
+    if unknown:
+        raise ValueError(f"no loss head for categories {sorted(unknown)}")
+    device = reward_chosen.device
+
+    def mask(name: str) -> torch.Tensor:
+        return torch.tensor([c == name for c in categories], dtype=torch.bool, device=device)
+
+    rel = relational_loss(reward_chosen - reward_rejected, beta, relational)
+    out = torch.where(mask("inversion"), rel, torch.zeros_like(rel))
+    out = torch.where(mask("suppression"), suppression_loss(reward_chosen, reward_rejected, beta), out)
+    return torch.where(mask("unlearning"), npo_loss(reward_chosen, beta), out)
+
+
 def token_kl(
     policy_logits: torch.Tensor,
     reference_logits: torch.Tensor,

@@ -31,6 +31,7 @@ METHODS = {
     "naive_dpo": "naive oracle DPO (every judged pair, new orientation, uniform, no KL)",
     "no_impact": "TRACE w/o impact weighting (all conflict weights 1)",
     "no_kl": "TRACE w/o KL (alpha_kl = 0)",
+    "no_triage": "w/o triage (NPO on every pair's old chosen response, impact-weighted, no KL)",
 }
 DEFAULTS: dict[str, Any] = {
     "workdir": "runs/pipeline",

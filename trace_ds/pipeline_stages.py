@@ -75,7 +75,7 @@ def plan_stages(config: dict[str, Any]) -> list[Any]:
     stages.append(Stage("triage", "prepare", {}, ["data"], _triage))
     methods = list(config["methods"])
     for method in methods:
-        if method in ("naive_dpo", "no_impact"):
+        if method in DERIVED:
             stages.append(
                 Stage(f"derive_{method}", "prepare", {"method": method}, ["triage"], _derive(method))
             )
@@ -90,6 +90,12 @@ def plan_stages(config: dict[str, Any]) -> list[Any]:
     stages.append(
         Stage("score", "distributed", score_settings, ["old_model", "triage"], _score(score_settings, config))
     )
+    if "no_triage" in methods:  # its own impact scores, against the same probe
+        no_triage_inputs = ["old_model", "derive_no_triage", "score"]
+        score_no_triage = _score(score_settings, config, "derive_no_triage")
+        stages.append(
+            Stage("score_no_triage", "distributed", score_settings, no_triage_inputs, score_no_triage)
+        )
     for method in methods:
         settings = {
             **config["train"],
@@ -98,11 +104,8 @@ def plan_stages(config: dict[str, Any]) -> list[Any]:
             "seed": config["seed"],
             "deepspeed": deepspeed_config,
         }
-        inputs = [
-            "old_model",
-            "triage",
-            f"derive_{method}" if method in ("naive_dpo", "no_impact") else "score",
-        ]
+        inputs = ["old_model", "triage", SCORES_FROM.get(method, "score")]
+        inputs += [f"derive_{method}"] if method in DERIVED and f"derive_{method}" not in inputs else []
         stages.append(
             Stage(f"train_{method}", "distributed", settings, inputs, _train(method, settings, config))
         )
@@ -130,6 +133,14 @@ def plan_stages(config: dict[str, Any]) -> list[Any]:
 
 
 # ---- stage bodies: each returns a small summary that goes into done.json ----
+
+
+DERIVED = ("naive_dpo", "no_impact", "no_triage")  # baselines that change the training data
+SCORES_FROM = {
+    "naive_dpo": "derive_naive_dpo",
+    "no_impact": "derive_no_impact",
+    "no_triage": "score_no_triage",
+}
 
 
 def _synth_stage(settings: dict[str, Any]) -> Any:
@@ -234,6 +245,8 @@ def _derive(method: str) -> Any:
         ]
         if method == "naive_dpo":
             records = [{**r, "category": "inversion", "original_category": r["category"]} for r in records]
+        if method == "no_triage":  # every pair back in its old orientation, NPO on its old chosen response
+            records = [_old_orientation(r) for r in records]
         scores = [
             {"id": r["id"], "category": r["category"], "raw_score": 1.0, "weight": 1.0}
             for r in records
@@ -250,16 +263,34 @@ def _derive(method: str) -> Any:
     return run
 
 
-def _score(settings: dict[str, Any], config: dict[str, Any]) -> Any:
+def _old_orientation(record: dict[str, Any]) -> dict[str, Any]:
+    swapped = record.get("swapped")
+    chosen, rejected = (
+        (record["rejected"], record["chosen"]) if swapped else (record["chosen"], record["rejected"])
+    )
+    return {
+        **record,
+        "chosen": chosen,
+        "rejected": rejected,
+        "swapped": False,
+        "category": "unlearning",
+        "original_category": record["category"],
+    }
+
+
+def _score(settings: dict[str, Any], config: dict[str, Any], data_stage: str = "triage") -> Any:
     def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
         from trace_ds.config import ScoreConfig
         from trace_ds.scoring.scorer import run_score
 
         options = {k: v for k, v in settings.items() if k not in ("tokenize", "deepspeed")}
+        if "score" in inputs:  # reuse the main probe (a baseline's data has no categories to build one from)
+            options["probe"] = _paths(inputs["score"])["probe"][0]
+            options.pop("probe_size", None)
         meta = run_score(
             ScoreConfig(
                 model=_paths(inputs["old_model"])["model"],
-                triaged=_paths(inputs["triage"])["triaged"],
+                triaged=_paths(inputs[data_stage])["triaged"],
                 out=str(directory / "scores.jsonl"),
                 deepspeed=settings["deepspeed"],
                 tokenize=_tokenize(config),
@@ -282,14 +313,11 @@ def _train(method: str, settings: dict[str, Any], config: dict[str, Any]) -> Any
         from trace_ds.train import run_train
 
         options = {k: v for k, v in settings.items() if k not in ("tokenize", "deepspeed", "method")}
-        if method in ("naive_dpo", "no_impact"):
-            source = _paths(inputs[f"derive_{method}"])
-            triaged, scores = source["triaged"], source["scores"]
-        else:
-            triaged, scores = _paths(inputs["triage"])["triaged"], _paths(inputs["score"])["scores"]
+        triaged = _paths(inputs[f"derive_{method}"] if method in DERIVED else inputs["triage"])["triaged"]
+        scores = _paths(inputs[SCORES_FROM.get(method, "score")])["scores"]
         if method == "naive_dpo":
             options.update(relational="dpo", alpha_kl=0.0)
-        if method == "no_kl":
+        if method in ("no_kl", "no_triage"):
             options["alpha_kl"] = 0.0
         out = directory / "run"
         resume = (out / "checkpoints" / "latest").exists()

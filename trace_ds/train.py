@@ -28,7 +28,7 @@ from trace_ds.data.pairs import iter_pairs, read_pairs
 from trace_ds.data.stream import PairStream, TrainRecord, load_weights
 from trace_ds.data.tokenize import tokenize_pair
 from trace_ds.io import TraceError, dumps, read_json, write_json, write_text
-from trace_ds.losses import reduce_step_loss, relational_loss, sequence_logps, suppression_loss, token_kl
+from trace_ds.losses import conflict_losses, reduce_step_loss, sequence_logps, token_kl
 
 # Sums reduced across ranks for logging (one tensor, one all-reduce per step).
 STAT_KEYS = (
@@ -96,10 +96,11 @@ def compute_losses(
         )
     rewards = logps - ref_logps
     r_chosen, r_rejected = rewards[:n], rewards[n:]
-    relational = relational_loss(r_chosen - r_rejected, config.beta, config.relational)
-    suppression = suppression_loss(r_chosen, r_rejected, config.beta)
-    zero = torch.zeros_like(relational)
-    conflict = torch.where(is_inv, relational, torch.where(is_sup, suppression, zero))
+    is_unl = torch.tensor([c == "unlearning" for c in categories], device=device)
+    conflict = conflict_losses(r_chosen, r_rejected, categories, config.beta, config.relational)
+    zero = torch.zeros_like(conflict)
+    head = conflict.detach()
+    is_sup = is_sup | is_unl  # logged with suppression (NPO heads)
     conflict_weights = torch.where(is_inv | is_sup, weights.to(device), zero)
     retention_kl = torch.where(is_ret & live, kl, zero)
 
@@ -108,8 +109,8 @@ def compute_losses(
     stats = torch.stack(
         [
             live.float().sum(),
-            inv.sum(), (relational.detach() * inv).sum(), (margin * inv).sum(), ((margin > 0).float() * inv).sum(),
-            sup.sum(), (suppression.detach() * sup).sum(), ((r_chosen + r_rejected).detach() / 2 * sup).sum(),
+            inv.sum(), (head * inv).sum(), (margin * inv).sum(), ((margin > 0).float() * inv).sum(),
+            sup.sum(), (head * sup).sum(), (torch.where(is_unl, r_chosen, (r_chosen + r_rejected) / 2).detach() * sup).sum(),
             ret.sum(), (kl.detach() * ret).sum(), (margin * ret).sum(), ((margin > 0).float() * ret).sum(),
             (batch.attention_mask.sum() * live.any()).float(),
             torch.zeros((), device=device),

@@ -24,6 +24,8 @@ from trace_ds.judge.verdicts import Verdict, read_verdicts
 
 CATEGORIES = ("inversion", "suppression", "retention")
 CONFLICT_CATEGORIES = ("inversion", "suppression")
+# Not produced by triage: the "w/o triage" baseline stores every pair as "unlearning" (NPO on the old chosen).
+BASELINE_CATEGORIES = ("unlearning",)
 ADDED_FIELDS = ("category", "swapped", "chosen_violates", "rejected_violates", "verdict")
 
 

@@ -159,8 +159,7 @@ def _losses(model: torch.nn.Module, pairs: list[Any], cats: list[str], config: A
 
     batch = collate_pairs(pairs, 0)
     chosen, rejected = batch_logps(model, batch)
-    mask = torch.tensor([c == "suppression" for c in cats])
-    return pair_losses(chosen, rejected, mask, config.relational, config.beta)
+    return pair_losses(chosen, rejected, cats, config.relational, config.beta)
 
 
 def _floor_step(model: torch.nn.Module, pairs: list[Any], cats: list[str], config: Any) -> None:

@@ -26,7 +26,11 @@ from typing import Any
 
 from trace_ds.data.pairs import Pair, iter_pairs
 from trace_ds.io import BadRecord, Position, TraceError, iter_jsonl
-from trace_ds.triage import CATEGORIES, CONFLICT_CATEGORIES
+from trace_ds.triage import BASELINE_CATEGORIES, CONFLICT_CATEGORIES
+from trace_ds.triage import CATEGORIES as TRIAGE_CATEGORIES
+
+CATEGORIES = TRIAGE_CATEGORIES + BASELINE_CATEGORIES
+TRAINED_CONFLICT = CONFLICT_CATEGORIES + BASELINE_CATEGORIES
 
 STATE_VERSION = 1
 
@@ -210,7 +214,7 @@ class PairStream:
             )
         if self.only_category is not None and category != self.only_category:
             return None
-        if category not in CONFLICT_CATEGORIES:
+        if category not in TRAINED_CONFLICT:
             return TrainRecord(pair, category, 1.0)
         weight = self.weights.get(pair.id)
         if weight is None:

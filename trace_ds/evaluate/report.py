@@ -126,9 +126,12 @@ def _plot_tpa(plt: Any, out: Path, evaluations: dict[str, dict[str, Any]]) -> Pa
     for index, (name, m) in enumerate(evaluations.items()):
         xs = [g + index * width for g in range(len(groups))]
         values = [m["tpa"][g]["tpa"] or 0.0 for g in groups]
+        bounds = [
+            [b if b == b else v for b in m["tpa"][g]["ci95"]] for v, g in zip(values, groups, strict=True)
+        ]  # NaN: no prompts
         errors = [
-            [v - m["tpa"][g]["ci95"][0] for v, g in zip(values, groups, strict=True)],
-            [m["tpa"][g]["ci95"][1] - v for v, g in zip(values, groups, strict=True)],
+            [max(0.0, v - lo) for v, (lo, _) in zip(values, bounds, strict=True)],
+            [max(0.0, hi - v) for v, (_, hi) in zip(values, bounds, strict=True)],
         ]
         ax.bar(xs, values, width, yerr=errors, capsize=3, label=name)
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)

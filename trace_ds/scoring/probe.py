@@ -17,7 +17,7 @@ from trace_ds.io import TraceError
 
 def category_of(pair: Pair) -> str:
     category = pair.extra.get("category")
-    if category not in ("inversion", "suppression", "retention"):
+    if category not in ("inversion", "suppression", "retention", "unlearning"):
         raise TraceError(
             f"{pair.position}: pair {pair.id!r} has no triage category; score reads triaged pairs"
         )

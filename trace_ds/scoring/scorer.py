@@ -25,11 +25,11 @@ from trace_ds.data.batching import PairBatch, collate_pairs
 from trace_ds.data.pairs import Pair, read_pairs, write_pairs, write_rejects
 from trace_ds.data.tokenize import TokenizedPair, tokenize_pair
 from trace_ds.io import TraceError, dumps, iter_jsonl_lenient, write_json, write_jsonl
-from trace_ds.losses import relational_loss, sequence_logps, suppression_loss
+from trace_ds.losses import conflict_losses, sequence_logps
 from trace_ds.scoring.ghost import GhostState, ProbeGradient, ghost_mode
 from trace_ds.scoring.probe import build_probe, category_of, probe_source_ids
 
-CONFLICT = ("inversion", "suppression")
+CONFLICT = ("inversion", "suppression", "unlearning")  # unlearning: the w/o-triage baseline
 
 
 @dataclass
@@ -49,17 +49,15 @@ def batch_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch
 
 def pair_losses(
     logp_chosen: torch.Tensor,
-    logp_rejected: torch.Tensor,
-    is_suppression: torch.Tensor,
+    logp_chosen_rejected: torch.Tensor,
+    categories: Sequence[str],
     relational: str,
     beta: float,
 ) -> torch.Tensor:
-    """Per-pair loss at theta_ref, routed by mask: relational on inversion/probe pairs, NPO on suppression."""
+    """Per-pair loss at theta_ref (r = logp - logp.detach(): 0 in value, the right gradient)."""
     reward_chosen = logp_chosen - logp_chosen.detach()
-    reward_rejected = logp_rejected - logp_rejected.detach()
-    rel = relational_loss(reward_chosen - reward_rejected, beta, relational)  # type: ignore[arg-type]
-    sup = suppression_loss(reward_chosen, reward_rejected, beta)
-    return torch.where(is_suppression, sup, rel)
+    reward_rejected = logp_chosen_rejected - logp_chosen_rejected.detach()
+    return conflict_losses(reward_chosen, reward_rejected, list(categories), beta, relational)  # type: ignore[arg-type]
 
 
 def micro_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -80,16 +78,13 @@ class GhostScorer:
         self.state = GhostState("probe", store or ProbeGradient(), self.kernel)
         self.device = next(model.parameters()).device
 
-    def _run(
-        self, pairs: Sequence[TokenizedPair], suppression: Sequence[bool], weight: float
-    ) -> torch.Tensor:
+    def _run(self, pairs: Sequence[TokenizedPair], categories: Sequence[str], weight: float) -> torch.Tensor:
         batch = collate_pairs(pairs, self.pad_id).to(self.device)
         self.state.set_batch(batch.attention_mask)
         with ghost_mode(self.model, self.state) as covered, torch.enable_grad():
             self.covered = covered
             chosen, rejected = batch_logps(self.model, batch)
-            mask = torch.tensor(list(suppression), dtype=torch.bool, device=self.device)
-            losses = pair_losses(chosen, rejected, mask, self.config.relational, self.config.beta)
+            losses = pair_losses(chosen, rejected, categories, self.config.relational, self.config.beta)
             (losses.sum() * weight).backward()
         assert self.state.scores is not None
         return self.state.scores
@@ -101,7 +96,7 @@ class GhostScorer:
     def probe_step(self, pairs: Sequence[TokenizedPair], weight: float) -> None:
         """Add ``weight`` * grad of the summed relational losses of ``pairs`` to G (weight 0: a dummy step)."""
         self.state.mode = "probe"
-        self._run(pairs, [False] * len(pairs), weight)
+        self._run(pairs, ["inversion"] * len(pairs), weight)  # J is the relational loss on every probe pair
 
     def probe_gradient(self, probe: Sequence[TokenizedPair], total: int | None = None) -> ProbeGradient:
         """G = grad of J = (sum of relational losses over the probe) / B, at the loaded weights."""
@@ -115,7 +110,7 @@ class GhostScorer:
     def score(self, pairs: Sequence[TokenizedPair], categories: Sequence[str]) -> list[float]:
         """Raw scores of one micro-batch of conflict pairs: row scores of chosen + rejected."""
         self.state.mode = "score"
-        rows = self._run(pairs, [c == "suppression" for c in categories], 1.0)
+        rows = self._run(pairs, categories, 1.0)
         n = len(pairs)
         return (rows[:n].double() + rows[n:].double()).tolist()
 
@@ -240,7 +235,7 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
         (p, c) for p, c in zip(pairs, categories, strict=True) if c in CONFLICT and p.id not in held_out
     ]
     if not targets:
-        raise TraceError(f"{config.triaged}: no inversion or suppression pair to score")
+        raise TraceError(f"{config.triaged}: no conflict pair (inversion, suppression) to score")
 
     needs_tokenizer = any(p.shape != "tokenized" for p in pairs + probe)
     tokenizer = load_tokenizer(config.model, required=needs_tokenizer)
