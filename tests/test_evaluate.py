@@ -119,3 +119,60 @@ def test_eval_drops_and_reports_prompts_seen_in_training(tiny_model_dir: Path, t
     overlap = metrics["overlap"]
     assert overlap["eval_prompts_seen_in_them"] == 3 and overlap["eval_pairs_sharing_a_prompt_with_them"] >= 2
     assert metrics["tpa"]["all"]["prompts"] == len({p["prompt"] for p in prompts}) - 3
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_eval_under_zero3_equals_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from .helpers import deepspeed_command
+
+    build_benchmark(tmp_path / "bench", n_pairs=30, seed=4, n_eval_prompts=11, n_eval_pairs=21)
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--reference",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "bench" / "eval"),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "160",
+        "--max-prompt-length",
+        "64",
+    ]
+    one = tmp_path / "one.json"
+    result = CliRunner().invoke(main, ["eval", *args, "--out", str(one)])
+    assert result.exit_code == 0, result.output
+    two = tmp_path / "two.json"
+    command = deepspeed_command(
+        2,
+        "eval",
+        *args,
+        "--out",
+        str(two),
+        "--deepspeed",
+        str(Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json"),
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TRACE_DS_DIST_TIMEOUT_S": "90"}
+    run = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=540, start_new_session=True
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["world_size"] == 2
+    for key, value in a["preference"].items():
+        assert b["preference"][key] == (
+            value if isinstance(value, dict) else pytest.approx(value, rel=1e-4, abs=1e-6)
+        ), key
+    assert b["perplexity"]["model"] == pytest.approx(a["perplexity"]["model"], rel=1e-5)
+    assert b["tpa"] == a["tpa"]
+    gen_a = [json.loads(line)["response"] for line in Path(a["generations"]).read_text().splitlines()]
+    gen_b = [json.loads(line)["response"] for line in Path(b["generations"]).read_text().splitlines()]
+    assert gen_a == gen_b  # greedy decoding, same prompts in the same order

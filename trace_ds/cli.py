@@ -341,6 +341,12 @@ def _lora_config(options: dict[str, Any]) -> Any:
     )
 
 
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _proportions(text: str | None) -> tuple[tuple[str, float], ...] | None:
     if not text:
         return None
@@ -576,13 +582,23 @@ def sft_command(pairs_source: str, **options: Any) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="Pairs (training set, probe) whose prompts are dropped from evaluation; overlaps are reported. Repeatable.",
 )
+@click.option(
+    "--deepspeed",
+    "deepspeed_config",
+    type=click.Path(exists=True, dir_okay=False),
+    help="DeepSpeed config: shard the evaluation over the launched ranks (ZeRO-3 partitioned models).",
+)
 @tokenize_options
-def eval_command(exclude: tuple[str, ...], **options: Any) -> None:
+def eval_command(exclude: tuple[str, ...], deepspeed_config: str | None, **options: Any) -> None:
     """Preference accuracy per category, TPA (with 95% intervals) and perplexity, against the reference."""
     from trace_ds.evaluate.run import EvalConfig, run_eval
 
-    config = EvalConfig(exclude=exclude, tokenize=_tokenize_config(options), **options)
+    config = EvalConfig(
+        exclude=exclude, deepspeed=deepspeed_config, tokenize=_tokenize_config(options), **options
+    )
     metrics = run_eval(config)
+    if metrics.get("world_size", 1) > 1 and not _is_rank_zero():
+        return
     rows = {f"preference: {k}": v for k, v in metrics["preference"].items() if not isinstance(v, dict)}
     rows.update(
         {
@@ -682,7 +698,9 @@ def _print_pipeline_summary(pipeline: Any, summary: dict[str, Any]) -> None:
 @click.option("--pairs", "n_pairs", default=2000, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--ranks", default=2, show_default=True, help="Ranks of the ZeRO-3 training launch.")
-@click.option("--all-baselines", is_flag=True, help="Also run TRACE w/o impact weighting, w/o KL and w/o triage.")
+@click.option(
+    "--all-baselines", is_flag=True, help="Also run TRACE w/o impact weighting, w/o KL and w/o triage."
+)
 def demo(out: str, n_pairs: int, seed: int, ranks: int, all_baselines: bool) -> None:
     """The built-in job: synthetic policy shift, tiny old-policy model, TRACE vs naive DPO, report."""
     from trace_ds.pipeline import Pipeline, load_config, write_demo_config

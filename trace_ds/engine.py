@@ -203,6 +203,16 @@ class Strategy:
             return ReducedProbeGradient()
         return ProbeGradient()
 
+    def shard(self, items: Any, micro_batch: int) -> list[Any]:
+        """This rank's micro-batches (items rank, rank + W, ...), padded with None (a zero-weight dummy step)
+        so that every rank runs the same number of forward/backward calls: under ZeRO-3 a rank that skipped
+        one would hang the others."""
+        mine = items[self.rank :: self.world_size]
+        per_rank = -(-len(items) // self.world_size) if len(items) else 0
+        steps = -(-per_rank // micro_batch)
+        chunks: list[Any] = [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+        return chunks + [None] * (steps - len(chunks))
+
     # ---- collectives (no-ops in one process) ----
     def barrier(self) -> None:
         if self.distributed:

@@ -44,22 +44,27 @@ def preference_metrics(
     pad_id: int,
     batch_size: int = 8,
     heads: HeadSettings | None = None,
+    strategy: Any = None,
 ) -> dict[str, Any]:
     """New-policy preference accuracy per category (sign of the implicit reward margin against the
-    reference), the suppressed responses' log-probability change, and retention KL and agreement."""
+    reference), the suppressed responses' log-probability change, and retention KL and agreement.
+    With a distributed ``strategy`` each rank takes its shard (zero-weight dummies keep the calls equal)."""
     heads = heads or HeadSettings()
+    strategy = strategy or _LOCAL
     stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
     device = next(policy.parameters()).device
     with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
+        for chunk in strategy.shard(list(pairs), batch_size):
+            live = chunk is not None
+            chunk = chunk if live else list(pairs[:1])
             batch = collate_pairs([tokenize_pair(p, tokenizer, tokenize) for p in chunk], pad_id).to(device)
             categories = [str(p.extra.get("category")) for p in chunk]
-            weights = torch.ones(len(chunk))
+            weights = torch.full((len(chunk),), 1.0 if live else 0.0)
             *_, micro = compute_losses(
                 policy, lambda b, rows: b.logits(reference, rows), batch, categories, weights, heads
             )  # type: ignore[arg-type]
             stats += micro.cpu()
+    stats = strategy.all_reduce_sum(stats)
     summary = summarise_stats(stats)
     return {
         "pairs": {c: int(summary[f"pairs_{c}"] or 0) for c in ("inversion", "suppression", "retention")},
@@ -87,16 +92,23 @@ def generate(
     sample: bool = False,
     temperature: float = 1.0,
     seed: int = 0,
+    strategy: Any = None,
 ) -> list[str]:
-    """Greedy (default) or seeded sampled completions through the shared prompt encoding, left-padded."""
+    """Greedy (default) or seeded sampled completions through the shared prompt encoding, left-padded.
+    Distributed: each rank generates its shard with ``synced_gpus`` (under ZeRO-3 every rank must keep
+    stepping until all are done) and the texts are gathered back in prompt order."""
+    strategy = strategy or _LOCAL
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs: list[str] = []
+    indexed = list(enumerate(prompts))
+    mine: list[tuple[int, str]] = []
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + strategy.rank)
     try:
-        for start in range(0, len(prompts), batch_size):
-            encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        for chunk in strategy.shard(indexed, batch_size):
+            live = chunk is not None
+            chunk = chunk if live else indexed[:1]
+            encoded = [encode_prompt(tokenizer, text) for _, text in chunk]
             width = max(len(ids) for ids in encoded)
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
@@ -111,13 +123,18 @@ def generate(
                     top_k=None,
                     pad_token_id=pad,
                     eos_token_id=tokenizer.eos_token_id,
+                    synced_gpus=strategy.world_size > 1,
                 )
-            outputs += [
-                cut_turn(tokenizer.decode(row, skip_special_tokens=True)) for row in out[:, width:].tolist()
-            ]
+            if live:
+                rows = out[:, width:].tolist()
+                mine += [
+                    (i, cut_turn(tokenizer.decode(row, skip_special_tokens=True)))
+                    for (i, _), row in zip(chunk, rows, strict=True)
+                ]
     finally:
         torch.random.set_rng_state(generator_state)
-    return outputs
+    texts = dict(item for part in strategy.all_gather_object(mine) for item in part)
+    return [texts[i] for i in range(len(prompts))]
 
 
 def target_policy_agreement(
@@ -142,24 +159,40 @@ def target_policy_agreement(
 
 
 def perplexity(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16, max_length: int = 512
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    max_length: int = 512,
+    strategy: Any = None,
 ) -> float:
     """exp(mean next-token NLL) over every predicted token of ``texts`` (BOS added by the tokenizer)."""
+    strategy = strategy or _LOCAL
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total_nll, total_tokens = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64)  # total NLL, total tokens
     with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            encoded = [tokenizer(t)["input_ids"][:max_length] for t in texts[start : start + batch_size]]
+        for chunk in strategy.shard(list(texts), batch_size):
+            live = chunk is not None
+            encoded = [tokenizer(t)["input_ids"][:max_length] for t in (chunk if live else texts[:1])]
             width = max(len(ids) for ids in encoded)
             ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=device)
             mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            targets = ids[:, 1:]
-            valid = mask[:, 1:].bool()
+            valid = mask[:, 1:].bool().reshape(-1)
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
             )
-            total_nll += float(nll[valid.reshape(-1)].sum())
-            total_tokens += int(valid.sum())
-    return math.exp(total_nll / max(total_tokens, 1))
+            if live:
+                sums += torch.tensor([float(nll[valid].sum()), float(valid.sum())], dtype=torch.float64)
+    sums = strategy.all_reduce_sum(sums)
+    return math.exp(sums[0].item() / max(sums[1].item(), 1.0))
+
+
+def _local_strategy() -> Any:
+    from trace_ds.engine import Strategy
+
+    return Strategy()
+
+
+_LOCAL = _local_strategy()

@@ -41,6 +41,7 @@ class EvalConfig:
     relational: str = "ipo"
     dtype: str = "float32"
     exclude: tuple[str, ...] = ()  # pair files whose prompts must not be evaluated (training set, probe)
+    deepspeed: str | None = None
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
     def __post_init__(self) -> None:
@@ -54,6 +55,8 @@ class EvalConfig:
             raise TraceError(
                 f"--data {self.data}: missing {', '.join(missing)} (see docs/formats.md, evaluation folder)"
             )
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise TraceError(f"--deepspeed {self.deepspeed}: no such file (see ds_configs/)")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise TraceError("--max-new-tokens and --batch-size must be at least 1")
 
@@ -73,17 +76,29 @@ def prompt_key(prompt: Any) -> str:
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
-    import torch
+    """One process, or every rank of a ``deepspeed`` launch (sharded, the same calls on every rank, results
+    gathered; rank 0 writes). Returns the metrics (on every rank)."""
+    from trace_ds.engine import Strategy, load_ds_config
 
+    ds_config = (
+        load_ds_config(config.deepspeed, config.batch_size, dtype=config.dtype) if config.deepspeed else None
+    )
+    strategy = Strategy.create(ds_config)
+    try:
+        return _run_eval(config, strategy)
+    finally:
+        strategy.close()
+
+
+def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
     from trace_ds.models import load_causal_lm, load_tokenizer, pad_token_id
     from trace_ds.synth.judge import violates
 
     started = time.perf_counter()
     folder = Path(config.data)
     tokenizer = load_tokenizer(config.model, required=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_causal_lm(config.model, config.dtype).to(device)
-    reference = load_causal_lm(config.reference, config.dtype).to(device)
+    model = strategy.prepare_inference(load_causal_lm(config.model, config.dtype))
+    reference = strategy.prepare_reference(load_causal_lm(config.reference, config.dtype))
     pad_id = pad_token_id(tokenizer, model)
 
     seen = {prompt_key(p.prompt) for source in config.exclude for p in read_pairs(source).pairs}
@@ -101,6 +116,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         pad_id,
         config.batch_size,
         HeadSettings(config.beta, config.relational),
+        strategy,
     )
 
     every_prompt = [record for _, record in iter_jsonl(folder / "prompts.jsonl")]
@@ -116,23 +132,24 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     }
     responses = generate(
         model, tokenizer, [p["prompt"] for p in prompts], config.max_new_tokens, config.batch_size,
-        config.sample, config.temperature, config.seed,
+        config.sample, config.temperature, config.seed, strategy,
     )  # fmt: skip
     tpa = target_policy_agreement(prompts, responses, violates)
     generations = Path(config.out).with_name(f"{Path(config.out).stem}.generations.jsonl")
-    write_jsonl(
-        generations,
-        (
-            {
-                "id": p["id"],
-                "prompt": p["prompt"],
-                "response": r,
-                "compliant": not violates(p["prompt"], r),
-                "shifted": p.get("shifted"),
-            }
-            for p, r in zip(prompts, responses, strict=True)
-        ),
-    )
+    if strategy.is_main:
+        write_jsonl(
+            generations,
+            (
+                {
+                    "id": p["id"],
+                    "prompt": p["prompt"],
+                    "response": r,
+                    "compliant": not violates(p["prompt"], r),
+                    "shifted": p.get("shifted"),
+                }
+                for p, r in zip(prompts, responses, strict=True)
+            ),
+        )
     general = folder / "general.txt"
     texts = (
         [line for line in general.read_text(encoding="utf-8").split("\n\n") if line.strip()]
@@ -154,14 +171,16 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             "max_new_tokens": config.max_new_tokens,
         },
         "perplexity": {
-            "model": perplexity(model, tokenizer, texts),
-            "reference": perplexity(reference, tokenizer, texts),
+            "model": perplexity(model, tokenizer, texts, config.batch_size, strategy=strategy),
+            "reference": perplexity(reference, tokenizer, texts, config.batch_size, strategy=strategy),
             "texts": len(texts),
         }
         if texts
         else None,
         "generations": str(generations),
+        "world_size": strategy.world_size,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_json(config.out, metrics)
+    if strategy.is_main:
+        write_json(config.out, metrics)
     return metrics

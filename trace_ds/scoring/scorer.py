@@ -190,16 +190,6 @@ def tokenize_all(pairs: list[Pair], tokenizer: Any, config: ScoreConfig) -> list
     return [tokenize_pair(pair, tokenizer, config.tokenize) for pair in pairs]
 
 
-def shard_steps(items: Sequence[Any], rank: int, world: int, micro_batch: int) -> list[Sequence[Any] | None]:
-    """This rank's micro-batches, padded with None (a zero-weight dummy step) so that every rank runs the
-    same number of forward/backward calls: under ZeRO-3 a rank that skipped one would hang the others."""
-    mine = items[rank::world]
-    per_rank = -(-len(items) // world) if items else 0
-    steps = -(-per_rank // micro_batch)
-    chunks: list[Sequence[Any] | None] = list(micro_batches(mine, micro_batch))
-    return chunks + [None] * (steps - len(chunks))
-
-
 def run_score(config: ScoreConfig) -> dict[str, Any]:
     """The ``trace-ds score`` stage: one process, or every rank of a ``deepspeed``/``torchrun`` launch."""
     from trace_ds.engine import Strategy, load_ds_config
@@ -259,7 +249,7 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
     dummy = probe_tokens[:1]
     t0 = time.perf_counter()
     scorer.state.mode = "probe"
-    for chunk in shard_steps(probe_tokens, strategy.rank, strategy.world_size, config.micro_batch):
+    for chunk in strategy.shard(probe_tokens, config.micro_batch):
         scorer.probe_step(chunk or dummy, 1.0 / len(probe_tokens) if chunk else 0.0)
     scorer.state.store.zeros_for([p for p in module.parameters() if p.requires_grad])
     probe_seconds = time.perf_counter() - t0
@@ -267,7 +257,7 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
     if strategy.is_main and not paths["partial"].exists():
         write_jsonl(paths["partial"], [{"settings": fingerprint}])
     t0 = time.perf_counter()
-    steps = shard_steps(todo, strategy.rank, strategy.world_size, config.micro_batch)
+    steps = strategy.shard(todo, config.micro_batch)
     with _partial_sink(paths["partial"], strategy.is_main) as sink, progress() as bar:
         task = bar.add_task(
             "scoring", total=len(targets), completed=len(done), rate="", visible=strategy.is_main
