@@ -254,3 +254,82 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert f"{pairs}:2: duplicate id 'a'" in result.output.replace("\n", "")
     assert not out.parent.exists()
+
+
+def test_external_judge_tpa_on_generations(tmp_path: Path) -> None:
+    """Generations (as `trace-ds eval` writes them) -> judge export -> external judge -> parse -> TPA."""
+    generations = tmp_path / "gen.jsonl"
+    write_jsonl(
+        generations,
+        [{"id": f"g{i}", "prompt": f"Q{i}", "response": f"A{i}", "shifted": i % 2 == 0} for i in range(6)],
+    )
+    policy = tmp_path / "policy.md"
+    policy.write_text("Be careful.")
+    runner = CliRunner()
+    requests = tmp_path / "req.jsonl"
+    result = runner.invoke(
+        main,
+        [
+            "judge",
+            "export",
+            "--generations",
+            str(generations),
+            "--policy",
+            str(policy),
+            "--out",
+            str(requests),
+            "--format",
+            "plain",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in requests.read_text().splitlines()]
+    assert [r["custom_id"] for r in lines] == [f"g{i}::chosen" for i in range(6)] and "A3" in lines[3][
+        "prompt"
+    ]
+    answers = {
+        "g0": '{"violates": false}',
+        "g1": '{"violates": true}',
+        "g2": '{"violates": false}',
+        "g3": "no idea",
+        "g4": '{"violates": true}',
+    }  # g5: no answer
+    responses = tmp_path / "resp.jsonl"
+    write_jsonl(responses, [{"custom_id": f"{k}::chosen", "output": v} for k, v in answers.items()])
+    verdicts = tmp_path / "v.jsonl"
+    result = runner.invoke(
+        main,
+        [
+            "judge",
+            "parse",
+            "--generations",
+            "--responses",
+            str(responses),
+            "--requests",
+            str(requests),
+            "--out",
+            str(verdicts),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    problems = [json.loads(line) for line in (tmp_path / "v.problems.jsonl").read_text().splitlines()]
+    assert sorted((p["id"], p["side"]) for p in problems) == [
+        ("g3", "chosen"),
+        ("g5", "chosen"),
+    ]  # no 'rejected' side expected
+    out = tmp_path / "tpa.json"
+    result = runner.invoke(
+        main, ["tpa", "--generations", str(generations), "--verdicts", str(verdicts), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    tpa = json.loads(out.read_text())
+    assert tpa["unjudged"] == 2 and tpa["tpa"]["all"]["prompts"] == 4
+    assert (
+        tpa["tpa"]["all"]["tpa"] == 0.5
+        and tpa["tpa"]["shifted"]["tpa"] == pytest.approx(2 / 3)
+        and tpa["tpa"]["stable"]["tpa"] == 0.0
+    )
+    assert (
+        runner.invoke(main, ["judge", "export", "--policy", str(policy), "--out", str(requests)]).exit_code
+        == 2
+    )

@@ -128,7 +128,13 @@ def judge() -> None:
 
 
 @judge.command("export")
-@click.option("--pairs", "pairs_source", required=True, help="Pairs file, saved dataset or hub id.")
+@click.option("--pairs", "pairs_source", default=None, help="Pairs file, saved dataset or hub id.")
+@click.option(
+    "--generations",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Instead of --pairs: generations written by `trace-ds eval` (one request each), for TPA with an external judge.",
+)
 @click.option(
     "--policy", required=True, type=click.Path(exists=True, dir_okay=False), help="The NEW policy text."
 )
@@ -144,7 +150,8 @@ def judge() -> None:
 )
 @pair_source_options
 def judge_export(
-    pairs_source: str,
+    pairs_source: str | None,
+    generations: str | None,
     policy: str,
     out: str,
     request_format: str,
@@ -154,20 +161,28 @@ def judge_export(
     on_bad_record: str,
     split: str | None,
 ) -> None:
-    """Write one judge request per response (two per pair)."""
-    from trace_ds.data.pairs import read_pairs, write_rejects
+    """Write one judge request per response (two per pair, one per generation)."""
+    from trace_ds.data.pairs import PairSet, read_pairs, write_rejects
     from trace_ds.io import write_jsonl
-    from trace_ds.judge.export import build_requests, load_template
+    from trace_ds.judge.export import build_requests, generations_as_pairs, load_template
 
-    pair_set = read_pairs(pairs_source, _columns(columns), on_bad_record, split=split)  # type: ignore[arg-type]
+    if (pairs_source is None) == (generations is None):
+        raise TraceError("give --pairs or --generations (exactly one)")
+    if generations is not None:
+        pair_set = PairSet(generations_as_pairs(generations), [], generations)
+        sides: tuple[str, ...] = ("chosen",)
+    else:
+        pair_set = read_pairs(pairs_source, _columns(columns), on_bad_record, split=split)  # type: ignore[arg-type]
+        sides = ("chosen", "rejected")
     requests = list(
         build_requests(
             pair_set.pairs,
             Path(policy).read_text(encoding="utf-8"),
             load_template(template),
-            request_format,
+            request_format,  # type: ignore[arg-type]
             model,
-        )  # type: ignore[arg-type]
+            sides=sides,
+        )
     )
     write_rejects(out, pair_set.rejects)
     count = write_jsonl(out, requests)
@@ -190,11 +205,18 @@ def judge_export(
     help="The exported requests, to notice missing responses.",
 )
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Verdicts JSONL to write.")
-def judge_parse(responses: tuple[str, ...], requests_path: str | None, out: str) -> None:
+@click.option(
+    "--generations",
+    "one_response",
+    is_flag=True,
+    help="The requests were exported from --generations: one response per id.",
+)
+def judge_parse(responses: tuple[str, ...], requests_path: str | None, out: str, one_response: bool) -> None:
     """Join the judge's two answers per pair into verdicts; list every missing, errored or unparsable one."""
     from trace_ds.judge.parse import expected_ids, parse_responses, write_parse_result
 
-    result = parse_responses(responses, expected_ids(requests_path) if requests_path else None)
+    sides = ("chosen",) if one_response else ("chosen", "rejected")
+    result = parse_responses(responses, expected_ids(requests_path) if requests_path else None, sides)
     console.print(key_value_table("Judge responses", write_parse_result(result, out)))
 
 
@@ -615,6 +637,37 @@ def eval_command(exclude: tuple[str, ...], deepspeed_config: str | None, **optio
             }
         )
     console.print(key_value_table(f"Evaluation of {config.model}", rows))
+
+
+@main.command("tpa")
+@click.option(
+    "--generations",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Generations from `trace-ds eval`.",
+)
+@click.option(
+    "--verdicts",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="`judge parse --generations` output.",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="TPA JSON to write.")
+def tpa_command(generations: str, verdicts: str, out: str) -> None:
+    """Target-policy agreement from an external judge's verdicts on the generations (unjudged ones excluded and counted)."""
+    from trace_ds.evaluate.metrics import tpa_from_verdicts
+    from trace_ds.io import iter_jsonl, write_json
+    from trace_ds.judge.verdicts import read_verdicts
+
+    records = [record for _, record in iter_jsonl(generations)]
+    result = tpa_from_verdicts(records, read_verdicts(verdicts).by_id)
+    write_json(out, result)
+    rows = {
+        f"TPA {name}": f"{v['tpa']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] n={v['prompts']}"
+        for name, v in result["tpa"].items()
+        if v["prompts"]
+    }
+    console.print(key_value_table("Target-policy agreement", {**rows, "unjudged": result["unjudged"]}))
 
 
 @main.group()

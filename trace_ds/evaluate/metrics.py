@@ -158,6 +158,20 @@ def target_policy_agreement(
     return result
 
 
+def tpa_from_verdicts(generations: Sequence[dict[str, Any]], verdicts: dict[str, Any]) -> dict[str, Any]:
+    """TPA from an external judge: a generation is compliant when its verdict says ``chosen_violates: false``;
+    a generation without a usable verdict is unjudged, counted, and left out of the rates (never guessed)."""
+    judged = [
+        g
+        for g in generations
+        if verdicts.get(str(g["id"])) is not None and verdicts[str(g["id"])].chosen_violates is not None
+    ]
+    tpa = target_policy_agreement(
+        judged, [str(g["id"]) for g in judged], lambda _, gid: bool(verdicts[gid].chosen_violates)
+    )
+    return {"tpa": tpa, "unjudged": len(generations) - len(judged), "generations": len(generations)}
+
+
 def perplexity(
     model: nn.Module,
     tokenizer: Any,

@@ -57,12 +57,14 @@ def split_custom_id(value: str) -> tuple[str, str]:
     return pair_id, side
 
 
-def judge_prompts(pair: Pair, policy: str, template: str) -> Iterator[tuple[str, str]]:
-    """(side, judge prompt text) for both responses of ``pair``."""
+def judge_prompts(
+    pair: Pair, policy: str, template: str, sides: tuple[str, ...] = SIDES
+) -> Iterator[tuple[str, str]]:
+    """(side, judge prompt text) for the responses of ``pair`` (both by default)."""
     if pair.shape == "tokenized":
         raise BadRecord(pair.position, f"pair {pair.id!r} is pre-tokenized; the judge needs text")
     prompt = pair.prompt if isinstance(pair.prompt, str) else plain_transcript(pair.prompt)
-    for side in SIDES:
+    for side in sides:
         response = response_text(getattr(pair, side))
         yield side, fill_template(template, policy, prompt, response)
 
@@ -74,11 +76,12 @@ def build_requests(
     request_format: RequestFormat = "openai",
     model: str = "gpt-4o-mini",
     max_tokens: int = 256,
+    sides: tuple[str, ...] = SIDES,
 ) -> Iterator[dict[str, Any]]:
     """One request per response. OpenAI Batch lines post to /v1/chat/completions with JSON output and
     temperature 0; plain lines carry the rendered prompt for any local runner."""
     for pair in pairs:
-        for side, text in judge_prompts(pair, policy, template):
+        for side, text in judge_prompts(pair, policy, template, sides):
             cid = custom_id(pair.id, side)
             if request_format == "plain":
                 yield {"custom_id": cid, "pair_id": pair.id, "side": side, "prompt": text}
@@ -95,3 +98,29 @@ def build_requests(
                         "response_format": {"type": "json_object"},
                     },
                 }
+
+
+def generations_as_pairs(path: str | Path) -> list[Pair]:
+    """Generations (``{"id", "prompt", "response"}``, as `trace-ds eval` writes them) as one-sided pairs: the
+    response is the ``chosen`` side, so one request per generation goes through the same export and parse."""
+    from trace_ds.io import iter_jsonl
+
+    pairs = []
+    for position, record in iter_jsonl(path):
+        if (
+            not isinstance(record, dict)
+            or not all(isinstance(record.get(k), str) for k in ("prompt", "response"))
+            or "id" not in record
+        ):
+            raise BadRecord(position, "a generation needs string 'prompt' and 'response' and an 'id'")
+        pairs.append(
+            Pair(
+                str(record["id"]),
+                "text",
+                record["prompt"],
+                record["response"],
+                record["response"],
+                position=position,
+            )
+        )
+    return pairs

@@ -135,7 +135,9 @@ def expected_ids(requests_path: str | Path) -> list[str]:
     return list(dict.fromkeys(order))
 
 
-def parse_responses(paths: Iterable[str | Path], expected: list[str] | None = None) -> ParseResult:
+def parse_responses(
+    paths: Iterable[str | Path], expected: list[str] | None = None, expected_sides: tuple[str, ...] = SIDES
+) -> ParseResult:
     """Join the two sides of each pair from one or more response files.
 
     With ``expected`` (from the requests file) a pair or side with no response is listed as missing;
@@ -191,7 +193,7 @@ def parse_responses(paths: Iterable[str | Path], expected: list[str] | None = No
         got = sides.get(pair_id, {})
         extra: dict[str, Any] = {}
         side_problems = {}
-        for side in SIDES:
+        for side in expected_sides:
             if side in got:
                 continue
             reason = reasons.get((pair_id, side))
