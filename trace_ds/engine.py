@@ -7,8 +7,10 @@ DeepSpeed integration), wrapped in an engine, and collectives go through this ob
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -260,6 +262,16 @@ class Strategy:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+@contextlib.contextmanager
+def strategy_for(deepspeed: str | None, micro_batch: int, dtype: str) -> Iterator[Strategy]:
+    """One process without a DeepSpeed config, else this rank of the launch; closed at the end of the stage."""
+    strategy = Strategy.create(load_ds_config(deepspeed, micro_batch, dtype=dtype) if deepspeed else None)
+    try:
+        yield strategy
+    finally:
+        strategy.close()
 
 
 def _full_numel_shape(param: torch.Tensor) -> tuple[int, torch.Size]:

@@ -78,16 +78,10 @@ def prompt_key(prompt: Any) -> str:
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """One process, or every rank of a ``deepspeed`` launch (sharded, the same calls on every rank, results
     gathered; rank 0 writes). Returns the metrics (on every rank)."""
-    from trace_ds.engine import Strategy, load_ds_config
+    from trace_ds.engine import strategy_for
 
-    ds_config = (
-        load_ds_config(config.deepspeed, config.batch_size, dtype=config.dtype) if config.deepspeed else None
-    )
-    strategy = Strategy.create(ds_config)
-    try:
+    with strategy_for(config.deepspeed, config.batch_size, config.dtype) as strategy:
         return _run_eval(config, strategy)
-    finally:
-        strategy.close()
 
 
 def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:

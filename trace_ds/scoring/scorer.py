@@ -192,16 +192,10 @@ def tokenize_all(pairs: list[Pair], tokenizer: Any, config: ScoreConfig) -> list
 
 def run_score(config: ScoreConfig) -> dict[str, Any]:
     """The ``trace-ds score`` stage: one process, or every rank of a ``deepspeed``/``torchrun`` launch."""
-    from trace_ds.engine import Strategy, load_ds_config
+    from trace_ds.engine import strategy_for
 
-    ds_config = (
-        load_ds_config(config.deepspeed, config.micro_batch, dtype=config.dtype) if config.deepspeed else None
-    )
-    strategy = Strategy.create(ds_config)
-    try:
+    with strategy_for(config.deepspeed, config.micro_batch, config.dtype) as strategy:
         return _run_score(config, strategy)
-    finally:
-        strategy.close()
 
 
 def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
