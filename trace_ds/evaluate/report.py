@@ -10,6 +10,7 @@ from trace_ds.io import write_text
 
 TPA_GAIN_TARGET = 0.15  # TRACE's TPA must beat the old model's by this much (issue target)
 RETENTION_TOLERANCE = 0.05  # "within a few points" on retention (stable) topics
+PERPLEXITY_TOLERANCE = 0.10  # utility: held-out perplexity at most 10% above the old model's
 
 
 def _lines(path: str | Path) -> list[dict[str, Any]]:
@@ -65,7 +66,11 @@ def write_report(
             "retention_target_met": retention_drop <= RETENTION_TOLERANCE,
             "perplexity_old": ppl_old,
             "perplexity_trace": ppl_trace,
+            "perplexity_change": (ppl_trace / ppl_old - 1.0) if ppl_old and ppl_trace else None,
         }
+        check["perplexity_target_met"] = (
+            check["perplexity_change"] is not None and check["perplexity_change"] <= PERPLEXITY_TOLERANCE
+        )
     plots = []
     plots.append(_plot_tpa(plt, out, evaluations))
     plots.append(_plot_preference(plt, out, evaluations))
@@ -82,7 +87,9 @@ def write_report(
             f"(target +{100 * TPA_GAIN_TARGET:.0f}): **{'met' if check['tpa_target_met'] else 'missed'}**.",
             f"- TPA on stable (retention) topics: {100 * check['retention_tpa_drop']:.1f} points below the old model "
             f"(tolerance {100 * RETENTION_TOLERANCE:.0f}): **{'met' if check['retention_target_met'] else 'missed'}**.",
-            f"- Utility perplexity on held-out general text: old {_fmt(check['perplexity_old'], 2)}, TRACE {_fmt(check['perplexity_trace'], 2)}.",
+            f"- Utility perplexity on held-out general text: old {_fmt(check['perplexity_old'], 2)}, TRACE {_fmt(check['perplexity_trace'], 2)} "
+            f"({100 * (check['perplexity_change'] or 0):+.1f}%, tolerance +{100 * PERPLEXITY_TOLERANCE:.0f}%): "
+            f"**{'met' if check['perplexity_target_met'] else 'missed'}**.",
             "",
         ]
     text = "\n".join(
@@ -143,13 +150,22 @@ def _plot_tpa(plt: Any, out: Path, evaluations: dict[str, dict[str, Any]]) -> Pa
 
 
 def _plot_preference(plt: Any, out: Path, evaluations: dict[str, dict[str, Any]]) -> Path:
+    from trace_ds.evaluate.metrics import wilson_interval
+
     fig, ax = plt.subplots(figsize=(6, 3.2))
     names = list(evaluations)
-    values = [evaluations[n]["preference"]["inversion_accuracy"] or 0.0 for n in names]
-    ax.bar(names, values)
+    values, low, high = [], [], []
+    for name in names:
+        preference = evaluations[name]["preference"]
+        accuracy, count = preference["inversion_accuracy"] or 0.0, preference["pairs"]["inversion"]
+        lo, hi = wilson_interval(round(accuracy * count), count)
+        values.append(accuracy)
+        low.append(max(0.0, accuracy - lo) if lo == lo else 0.0)
+        high.append(max(0.0, hi - accuracy) if hi == hi else 0.0)
+    ax.bar(names, values, yerr=[low, high], capsize=3)
     ax.set_ylabel("held-out inversion accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set_title("New-policy preference accuracy (margin > 0 vs old model)")
+    ax.set_title("New-policy preference accuracy (margin > 0 vs old model, 95% CI)")
     return _save(plt, fig, out / "preference_accuracy.png")
 
 
