@@ -78,7 +78,9 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path) -> No
     second = Pipeline(load_config(changed), str(changed))
     keys_before = {s.name: s.key for s in first.stages}
     rerun = {s.name for s in second.stages if s.key != keys_before[s.name]}
-    assert rerun == {f"{kind}_{m}" for kind in ("train", "eval") for m in ("trace", "naive_dpo", "no_triage")} | {"report"}
+    assert rerun == {
+        f"{kind}_{m}" for kind in ("train", "eval") for m in ("trace", "naive_dpo", "no_triage")
+    } | {"report"}
     result = CliRunner().invoke(main, ["run", str(changed)])
     assert result.exit_code == 0, result.output
     after = done_times(second)
