@@ -708,6 +708,46 @@ def bench_scoring(n_pairs: int, arms: str, out: str | None, **settings: Any) -> 
     console.print("command: trace-ds " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 
+@bench.command("train")
+@click.option("--layers", default=4, show_default=True)
+@click.option("--hidden", default=256, show_default=True)
+@click.option("--vocab", default=8192, show_default=True)
+@click.option("--pairs", "n_pairs", default=64, show_default=True)
+@click.option(
+    "--tokens", default=256, show_default=True, help="Tokens per sequence (prompt + response), about."
+)
+@click.option("--micro-batch", default=8, show_default=True)
+@click.option(
+    "--steps", default=8, show_default=True, help="Optimizer steps (the first is warm-up, not timed)."
+)
+@click.option("--zero", default=0, show_default=True, help="ZeRO stage of the speed comparison.")
+@click.option("--ranks", default=1, show_default=True, help="Processes of the speed comparison.")
+@click.option("--repeats", default=1, show_default=True, help="Speed runs per arm (interleaved).")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--arms", default="trace-ds,trl", show_default=True)
+@click.option(
+    "--memory/--no-memory",
+    default=True,
+    show_default=True,
+    help="Also the peak-memory matrix (ZeRO 2/3 x 1/2 ranks).",
+)
+@click.option("--workdir", default="runs/bench_train", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+def bench_train(n_pairs: int, arms: str, out: str | None, **settings: Any) -> None:
+    """trace-ds training tokens/s vs TRL's DPOTrainer on the same work, and peak memory per rank."""
+    import shlex
+
+    from trace_ds.bench.train import markdown_tables, run_train_benchmark
+
+    chosen = [a.strip() for a in arms.split(",") if a.strip()]
+    try:
+        report = run_train_benchmark({**settings, "pairs": n_pairs, "arms": chosen}, out)
+    except (ValueError, RuntimeError) as err:
+        raise TraceError(str(err)) from err
+    console.print(markdown_tables(report), highlight=False, soft_wrap=True, markup=False)
+    console.print("command: trace-ds " + " ".join(shlex.quote(a) for a in sys.argv[1:]), markup=False)
+
+
 @main.command("run")
 @click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
 @click.option(
