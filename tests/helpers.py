@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from trace_ds.io import free_port
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -35,12 +36,6 @@ def kill_when_lines(command: list[str], watched: Path, min_lines: int, wait_s: f
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     return len(watched.read_text().splitlines())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def deepspeed_command(ranks: int, *trace_ds_args: str) -> list[str]:

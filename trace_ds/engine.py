@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trace_ds.io import TraceError
+from trace_ds.io import TraceError, free_port
 from trace_ds.scoring.ghost import ProbeGradient
 
 DS_DTYPE_KEYS = {"bfloat16": "bf16", "float16": "fp16"}
@@ -56,13 +56,8 @@ def _single_process_defaults() -> None:
     """Let a plain ``trace-ds train`` (no launcher) form a one-rank process group."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
         return
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     os.environ.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
     )
 
 

@@ -65,6 +65,24 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback address (for a rendezvous; a race with another process is possible)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def append_lines(sink: IO, lines: Iterable[str]) -> None:
+    """Append whole lines and fsync, so a kill loses at most the line being written (resume files)."""
+    text = "".join(line + "\n" for line in lines)
+    if text:
+        sink.write(text)
+        sink.flush()
+        os.fsync(sink.fileno())
+
+
 def dumps(record: Any) -> str:
     """One JSONL line: compact, UTF-8 kept readable."""
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))

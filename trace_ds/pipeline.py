@@ -24,7 +24,7 @@ from typing import Any
 
 from trace_ds import __version__
 from trace_ds.console import console
-from trace_ds.io import TraceError, read_json, write_json
+from trace_ds.io import TraceError, free_port, read_json, write_json
 
 METHODS = {
     "trace": "TRACE (triage, impact weights, KL)",
@@ -165,7 +165,7 @@ class Pipeline:
         bin_dir = Path(sys.executable).parent
         stage_args = ["run", self.config_path, "--phase", "distributed"]
         if ranks > 1:
-            port = str(_free_port())
+            port = str(free_port())
             command = [
                 str(bin_dir / "deepspeed"),
                 "--num_gpus",
@@ -197,14 +197,6 @@ class Pipeline:
                 s.name: {"key": s.key, "dir": str(s.directory), "done": s.done()} for s in self.stages
             },
         }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _has_cuda() -> bool:

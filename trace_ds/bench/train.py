@@ -25,12 +25,13 @@ import json
 import os
 import random
 import resource
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from trace_ds.io import free_port
 
 ARMS = ("trace-ds", "trl")
 
@@ -380,12 +381,6 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(
     arm: str, settings: dict[str, Any], paths: dict[str, str], zero: int, ranks: int, tag: str = ""
 ) -> dict[str, Any]:
@@ -409,7 +404,7 @@ def launch(
     }
     command = [
         str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-        str(_free_port()), "--no_local_rank", "--module", "trace_ds.bench.train", arm, json.dumps(run_settings),
+        str(free_port()), "--no_local_rank", "--module", "trace_ds.bench.train", arm, json.dumps(run_settings),
     ]  # fmt: skip
     threads = str(max(1, settings["threads"] // ranks))  # else accelerate picks its own for the TRL arm
     env = {

@@ -52,6 +52,16 @@ class PairBatch:
         )
 
 
+def left_padded(
+    encoded: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded for generation: (input_ids, attention_mask), real tokens flush right."""
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    return input_ids, mask
+
+
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, pad_to: int | None = None) -> PairBatch:
     """Pad chosen and rejected sequences of ``pairs`` into one batch (``pad_to`` widens it, for tests)."""
     if not pairs:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trace_ds.data.batching import collate_pairs
+from trace_ds.data.batching import collate_pairs, left_padded
 from trace_ds.data.pairs import Pair
 from trace_ds.data.tokenize import TokenizeConfig, encode_prompt, tokenize_pair
 from trace_ds.train import STAT_KEYS, compute_losses, summarise_stats
@@ -108,10 +108,8 @@ def generate(
         for chunk in strategy.shard(indexed, batch_size):
             live = chunk is not None
             chunk = chunk if live else indexed[:1]
-            encoded = [encode_prompt(tokenizer, text) for _, text in chunk]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+            input_ids, mask = left_padded([encode_prompt(tokenizer, text) for _, text in chunk], pad, device)
+            width = input_ids.shape[1]
             with torch.no_grad():
                 out = model.generate(
                     input_ids=input_ids,

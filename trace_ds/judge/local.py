@@ -8,15 +8,15 @@ plain format, BOS once).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from trace_ds.console import console, progress
+from trace_ds.data.batching import left_padded
 from trace_ds.data.pairs import Pair
 from trace_ds.data.tokenize import encode_prompt
-from trace_ds.io import BadRecord, dumps, iter_jsonl_lenient, write_jsonl
+from trace_ds.io import BadRecord, append_lines, dumps, iter_jsonl_lenient, write_jsonl
 from trace_ds.judge.export import build_requests
 from trace_ds.judge.parse import ParseResult, parse_responses
 
@@ -80,9 +80,7 @@ def run_local_judge(
                 lines = _judge_batch(
                     model, tokenizer, batch, pad, context, max_new_tokens, model_path, device
                 )
-                sink.write("".join(dumps(line) + "\n" for line in lines))
-                sink.flush()
-                os.fsync(sink.fileno())
+                append_lines(sink, (dumps(line) for line in lines))
                 bar.advance(task, len(batch))
     return parse_responses([path], expected=list(dict.fromkeys(r["pair_id"] for r in requests)))
 
@@ -110,9 +108,8 @@ def _judge_batch(
         else:
             runnable.append((request, ids))
     if runnable:
-        width = max(len(ids) for _, ids in runnable)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in runnable], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in runnable], device=device)
+        input_ids, mask = left_padded([ids for _, ids in runnable], pad, device)
+        width = input_ids.shape[1]
         with torch.no_grad():
             generated = model.generate(
                 input_ids=input_ids,

@@ -24,7 +24,7 @@ from trace_ds.console import console, progress
 from trace_ds.data.batching import PairBatch, collate_pairs
 from trace_ds.data.pairs import Pair, read_pairs, write_pairs, write_rejects
 from trace_ds.data.tokenize import TokenizedPair, tokenize_pair
-from trace_ds.io import TraceError, dumps, iter_jsonl_lenient, write_json, write_jsonl
+from trace_ds.io import TraceError, append_lines, dumps, iter_jsonl_lenient, write_json, write_jsonl
 from trace_ds.losses import conflict_losses, sequence_logps
 from trace_ds.scoring.ghost import GhostState, ProbeGradient, ghost_mode
 from trace_ds.scoring.probe import build_probe, category_of, probe_source_ids
@@ -270,7 +270,7 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
                 mine = []
                 done.update(finished)
                 if sink is not None:
-                    _flush(sink, [dumps({"id": i, "raw_score": v}) for i, v in finished])
+                    append_lines(sink, (dumps({"id": i, "raw_score": v}) for i, v in finished))
                 elapsed = time.perf_counter() - t0
                 scored_now = len(done) - (len(targets) - len(todo))
                 bar.update(task, completed=len(done), rate=f"{scored_now / max(elapsed, 1e-9):.1f} pairs/s")
@@ -354,13 +354,3 @@ def _partial_sink(path: Path, is_main: bool) -> Iterator[Any]:
         return
     with open(path, "a", encoding="utf-8") as sink:
         yield sink
-
-
-def _flush(sink: Any, pending: list[str]) -> None:
-    import os
-
-    if pending:
-        sink.write("".join(line + "\n" for line in pending))
-        sink.flush()
-        os.fsync(sink.fileno())
-        pending.clear()
