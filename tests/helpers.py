@@ -50,3 +50,29 @@ def deepspeed_command(ranks: int, *trace_ds_args: str) -> list[str]:
         str(bin_dir / "trace-ds"),
         *trace_ds_args,
     ]
+
+
+def torchrun_node_commands(nnodes: int, *trace_ds_args: str) -> list[list[str]]:
+    """One ``torchrun --nnodes N --node_rank I --nproc_per_node 1 -m trace_ds.cli ...`` per "node", all on this
+    machine and one free rendezvous port (a multi-node rehearsal: start them concurrently)."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    port = str(free_port())
+    return [
+        [
+            torchrun,
+            "--nnodes",
+            str(nnodes),
+            "--node_rank",
+            str(node_rank),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            "-m",
+            "trace_ds.cli",
+            *trace_ds_args,
+        ]
+        for node_rank in range(nnodes)
+    ]

@@ -748,6 +748,20 @@ def bench_train(n_pairs: int, arms: str, out: str | None, **settings: Any) -> No
     console.print("command: trace-ds " + " ".join(shlex.quote(a) for a in sys.argv[1:]), markup=False)
 
 
+@bench.command("load")
+@click.option("--model", required=True, help="Model folder (safetensors) or hub id.")
+@click.option("--deepspeed", type=click.Path(exists=True, dir_okay=False), help="DeepSpeed config (ZeRO-3).")
+@click.option("--loader", type=click.Choice(["trace-ds", "transformers"]), default="trace-ds", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
+@click.option("--verify", is_flag=True, help="Afterwards, gather every weight and compare with the checkpoint.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON report (rank 0 writes it).")
+def bench_load(model: str, deepspeed: str | None, loader: str, dtype: str, verify: bool, out: str) -> None:
+    """One launch of the loading-memory measurement: peak memory growth per rank while the model loads."""
+    from trace_ds.bench.memory import measure_load
+
+    measure_load(model, deepspeed, loader, dtype, out, verify)
+
+
 @main.command("run")
 @click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
 @click.option(

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trace_ds.io import TraceError, free_port
+from trace_ds.io import TraceError, append_lines, dumps, free_port
+from trace_ds.memory import MemoryMeter, report_path
 from trace_ds.scoring.ghost import ProbeGradient
 
 DS_DTYPE_KEYS = {"bfloat16": "bf16", "float16": "fp16"}
@@ -98,10 +99,20 @@ class Strategy:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stage: str = ""
     _hf_ds_config: Any = None  # keeps transformers' zero.Init switch alive while models are built
+    _meter: MemoryMeter | None = None  # set when TRACE_DS_MEMORY_REPORT asks for per-rank peaks
 
     @classmethod
-    def create(cls, ds_config: dict[str, Any] | None) -> Strategy:
+    def create(cls, ds_config: dict[str, Any] | None, stage: str = "") -> Strategy:
+        strategy = cls._create(ds_config)
+        strategy.stage = stage
+        if report_path():
+            strategy._meter = MemoryMeter.start(strategy.device)
+        return strategy
+
+    @classmethod
+    def _create(cls, ds_config: dict[str, Any] | None) -> Strategy:
         if ds_config is not None:
             _single_process_defaults()
         if ds_config is None:
@@ -251,8 +262,16 @@ class Strategy:
         return float(tensor.item())
 
     def close(self) -> None:
-        """Wait for every rank. The process group stays up (DeepSpeed caches groups; destroying it would break
-        a later stage in the same launch, as `trace-ds run` does) and ends with the process."""
+        """Write the memory report if one was asked for, and wait for every rank. The process group stays up
+        (DeepSpeed caches groups; destroying it would break a later stage in the same launch, as `trace-ds
+        run` does) and ends with the process."""
+        path = report_path()
+        if self._meter is not None and path:
+            record = self._meter.record(stage=self.stage, rank=self.rank, world_size=self.world_size)
+            records = self.all_gather_object(record)
+            if self.is_main:
+                with open(path, "a", encoding="utf-8") as sink:
+                    append_lines(sink, [dumps(r) for r in records])
         if self.distributed:
             import torch.distributed as dist
 
@@ -260,9 +279,10 @@ class Strategy:
 
 
 @contextlib.contextmanager
-def strategy_for(deepspeed: str | None, micro_batch: int, dtype: str) -> Iterator[Strategy]:
+def strategy_for(deepspeed: str | None, micro_batch: int, dtype: str, stage: str = "") -> Iterator[Strategy]:
     """One process without a DeepSpeed config, else this rank of the launch; closed at the end of the stage."""
-    strategy = Strategy.create(load_ds_config(deepspeed, micro_batch, dtype=dtype) if deepspeed else None)
+    config = load_ds_config(deepspeed, micro_batch, dtype=dtype) if deepspeed else None
+    strategy = Strategy.create(config, stage)
     try:
         yield strategy
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -26,11 +27,22 @@ def load_tokenizer(name: str, required: bool) -> Any | None:
 
 
 def load_causal_lm(name: str, dtype: str = "float32") -> nn.Module:
-    """A transformers causal LM in eval mode (no dropout) with every parameter trainable."""
+    """A transformers causal LM in eval mode (no dropout) with every parameter trainable. Under ZeRO-3 it is
+    built partitioned and each rank reads only its shards of a safetensors checkpoint (trace_ds.partitioned)."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from trace_ds.partitioned import load_partitioned_causal_lm
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+        model = load_partitioned_causal_lm(name, DTYPES[dtype]) if is_deepspeed_zero3_enabled() else None
+        if model is None:
+            if is_deepspeed_zero3_enabled():
+                warnings.warn(
+                    f"{name} is not a safetensors checkpoint: transformers' ZeRO-3 loader reads it whole on rank 0",
+                    stacklevel=2,
+                )
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
     except OSError as err:
         raise TraceError(f"{name}: could not load a causal LM ({err})") from err
     model.eval()

@@ -216,7 +216,7 @@ class Trainer:
         self.out = Path(config.out)
         self.ckpt_dir = self.out / "checkpoints"
         ds_config = load_ds_config(config.deepspeed, config.micro_batch, config.grad_accum, config.dtype)
-        self.strategy = Strategy.create(ds_config)
+        self.strategy = Strategy.create(ds_config, "train")
         self.stop_requested = False
 
     # ---- set-up ----

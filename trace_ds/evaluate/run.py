@@ -80,7 +80,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     gathered; rank 0 writes). Returns the metrics (on every rank)."""
     from trace_ds.engine import strategy_for
 
-    with strategy_for(config.deepspeed, config.batch_size, config.dtype) as strategy:
+    with strategy_for(config.deepspeed, config.batch_size, config.dtype, "eval") as strategy:
         return _run_eval(config, strategy)
 
 

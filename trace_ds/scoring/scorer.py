@@ -194,7 +194,7 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
     """The ``trace-ds score`` stage: one process, or every rank of a ``deepspeed``/``torchrun`` launch."""
     from trace_ds.engine import strategy_for
 
-    with strategy_for(config.deepspeed, config.micro_batch, config.dtype) as strategy:
+    with strategy_for(config.deepspeed, config.micro_batch, config.dtype, "score") as strategy:
         return _run_score(config, strategy)
 
 
