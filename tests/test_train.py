@@ -245,6 +245,8 @@ def test_options_are_checked_before_anything_loads(
         (("--eval-every", "3"), "go together"),
         (("--deepspeed", "ds_configs/zero3.json"), "enables bf16 but --dtype is float32"),
         (("--merge-lora",), "needs --lora"),
+        (("--offload-reference",), "needs a ZeRO-3 --deepspeed config"),
+        (("--offload-reference", "--lora"), "with --lora the reference is the base model"),
     ]
     for extra, message in cases:
         result = run(train_command(tiny_model_dir, data, out, *extra))

@@ -1,4 +1,5 @@
-"""2-rank ZeRO-3 training with uneven shards and a category missing on one rank: no hang, same losses."""
+"""2-rank ZeRO-3 training with uneven shards, a category missing on one rank and the reference offloaded to
+host memory: no hang, the same losses as one process."""
 
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ def test_zero3_uneven_shards_do_not_hang_and_match_one_process(tiny_model_dir: P
         "2",
         "--deepspeed",
         str(REPO / "ds_configs" / "cpu.json"),
+        "--offload-reference",  # the reference's partitions in host memory: the same losses
     )
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=540, start_new_session=True

@@ -437,6 +437,11 @@ def _tokenize_config(options: dict[str, Any]) -> Any:
     "--save-every", default=4, show_default=True, help="Micro-batches between partial-result saves."
 )
 @click.option("--on-bad-record", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@click.option(
+    "--gradient-checkpointing",
+    is_flag=True,
+    help="Recompute each layer in the backward: activations of one layer at a time (same scores).",
+)
 @tokenize_options
 @lora_options
 def score_command(deepspeed_config: str | None, **options: Any) -> None:
@@ -529,6 +534,11 @@ def score_command(deepspeed_config: str | None, **options: Any) -> None:
     "--precompute-ref-logps",
     is_flag=True,
     help="Compute reference log-probs once; the KL head still runs the reference on retention rows.",
+)
+@click.option(
+    "--offload-reference",
+    is_flag=True,
+    help="ZeRO-3: keep the reference engine's partitions in host memory (frees its device memory).",
 )
 @tokenize_options
 def train_command(
@@ -670,6 +680,68 @@ def tpa_command(generations: str, verdicts: str, out: str) -> None:
     console.print(key_value_table("Target-policy agreement", {**rows, "unjudged": result["unjudged"]}))
 
 
+@main.command("plan")
+@click.option(
+    "--model", required=True, help="Model folder, config.json, or hub id (only the config is read)."
+)
+@click.option("--ranks", default=1, show_default=True, help="Ranks (GPUs) per node.")
+@click.option("--nodes", default=1, show_default=True)
+@click.option("--zero", type=click.IntRange(0, 3), default=3, show_default=True, help="ZeRO stage.")
+@click.option("--offload", is_flag=True, help="Optimizer states (and ZeRO-3 parameters) in host memory.")
+@click.option("--offload-reference", is_flag=True, help="As `train --offload-reference` (ZeRO-3).")
+@click.option("--micro-batch", default=4, show_default=True, help="Pairs per micro-batch per rank.")
+@click.option("--seq-len", default=1024, show_default=True, help="Tokens per sequence (prompt + response).")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16", show_default=True
+)
+@click.option(
+    "--device-gib", type=float, help="Device memory per rank; the plan says whether each stage fits."
+)
+@click.option(
+    "--reserve-gib",
+    default=2.0,
+    show_default=True,
+    help="Runtime memory outside tensors (CUDA context, NCCL).",
+)
+@click.option(
+    "--deepspeed",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Read ZeRO knobs (buckets, live parameters) from this config.",
+)
+@click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the plan as JSON (bytes).")
+@lora_options
+def plan_command(model: str, deepspeed: str | None, json_out: str | None, **options: Any) -> None:
+    """Memory per rank for scoring and training, from the model config alone (no weights are loaded)."""
+    from trace_ds.io import write_json
+    from trace_ds.plan import PlanSettings, model_shape, plan, render
+
+    lora = _lora_config(options)
+    ds_config: dict[str, Any] = {}
+    if deepspeed:
+        try:
+            ds_config = json.loads(Path(deepspeed).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise TraceError(f"--deepspeed {deepspeed}: {err}") from err
+        zero_section = ds_config.get("zero_optimization", {})
+        stage = zero_section.get("stage")
+        if stage is not None and int(stage) != options["zero"]:
+            raise TraceError(f"--deepspeed {deepspeed} is ZeRO-{stage} but --zero is {options['zero']}")
+    settings = PlanSettings(
+        ranks_per_node=options["ranks"], nodes=options["nodes"], zero=options["zero"], offload=options["offload"],
+        offload_reference=options["offload_reference"],
+        micro_batch=options["micro_batch"], seq_len=options["seq_len"], dtype=options["dtype"],
+        device_gib=options["device_gib"], reserve_gib=options["reserve_gib"], ds_config=ds_config,
+    )  # fmt: skip
+    if options["offload"] and options["zero"] == 0:
+        raise TraceError("--offload needs ZeRO 1-3 (DeepSpeed offloads partitioned optimizer states)")
+    if options["offload_reference"] and options["zero"] != 3:
+        raise TraceError("--offload-reference needs --zero 3 (only ZeRO-3 partitions the reference)")
+    result = plan(model_shape(model, lora), settings)
+    console.print(render(result, settings), highlight=False, markup=False, soft_wrap=True)
+    if json_out:
+        write_json(json_out, result)
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks (each arm in its own process; run with nothing else on the machine)."""
@@ -748,12 +820,45 @@ def bench_train(n_pairs: int, arms: str, out: str | None, **settings: Any) -> No
     console.print("command: trace-ds " + " ".join(shlex.quote(a) for a in sys.argv[1:]), markup=False)
 
 
+@bench.command("memory")
+@click.option("--layers", default="4,16", show_default=True, help="Model depths to build (same width).")
+@click.option("--hidden", default=512, show_default=True)
+@click.option("--vocab", default=8000, show_default=True)
+@click.option("--zero", default="2,3", show_default=True, help="ZeRO stages to compare.")
+@click.option("--ranks", default=2, show_default=True)
+@click.option("--micro-batch", default=4, show_default=True)
+@click.option("--seq-len", default=128, show_default=True)
+@click.option(
+    "--checkpointing/--no-checkpointing",
+    default=False,
+    show_default=True,
+    help="Also with gradient checkpointing.",
+)
+@click.option("--workdir", default="runs/bench_memory", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+def bench_memory(layers: str, zero: str, out: str | None, **settings: Any) -> None:
+    """Peak memory per rank while loading (trace-ds vs transformers' loader), and `trace-ds plan` against the
+    measured peaks of real score and train runs."""
+    import shlex
+
+    from trace_ds.bench.memory import markdown_tables, run_memory_benchmark
+
+    parsed = {"layers": [int(x) for x in layers.split(",")], "zero": [int(x) for x in zero.split(",")]}
+    report = run_memory_benchmark({**settings, **parsed}, out)
+    console.print(markdown_tables(report), highlight=False, soft_wrap=True, markup=False)
+    console.print("command: trace-ds " + " ".join(shlex.quote(a) for a in sys.argv[1:]), markup=False)
+
+
 @bench.command("load")
 @click.option("--model", required=True, help="Model folder (safetensors) or hub id.")
 @click.option("--deepspeed", type=click.Path(exists=True, dir_okay=False), help="DeepSpeed config (ZeRO-3).")
-@click.option("--loader", type=click.Choice(["trace-ds", "transformers"]), default="trace-ds", show_default=True)
+@click.option(
+    "--loader", type=click.Choice(["trace-ds", "transformers"]), default="trace-ds", show_default=True
+)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
-@click.option("--verify", is_flag=True, help="Afterwards, gather every weight and compare with the checkpoint.")
+@click.option(
+    "--verify", is_flag=True, help="Afterwards, gather every weight and compare with the checkpoint."
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON report (rank 0 writes it).")
 def bench_load(model: str, deepspeed: str | None, loader: str, dtype: str, verify: bool, out: str) -> None:
     """One launch of the loading-memory measurement: peak memory growth per rank while the model loads."""

@@ -3,6 +3,7 @@ with a message that says how to fix it."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -140,6 +141,7 @@ class TrainConfig:
     merge_lora: bool = False
     tensorboard: bool = False
     precompute_ref_logps: bool = False
+    offload_reference: bool = False
     category_proportions: tuple[tuple[str, float], ...] | None = None
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
@@ -183,6 +185,8 @@ class TrainConfig:
             raise TraceError("--merge-lora needs --lora (there is no adapter to merge)")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise TraceError(f"--deepspeed {self.deepspeed}: no such file (see ds_configs/)")
+        if self.offload_reference:
+            self._check_offload_reference()
         for name in ("triaged", "scores"):
             if not Path(getattr(self, name)).exists():
                 raise TraceError(f"--{name} {getattr(self, name)}: no such file")
@@ -194,4 +198,25 @@ class TrainConfig:
         if not self.resume and checkpoints.exists():
             raise TraceError(
                 f"{self.out} already holds checkpoints: pass --resume to continue, or choose a new --out"
+            )
+
+    def _check_offload_reference(self) -> None:
+        if self.lora:
+            raise TraceError(
+                "--offload-reference: with --lora the reference is the base model (adapters off), not a copy"
+            )
+        stage = None
+        if self.deepspeed is not None:
+            try:
+                stage = (
+                    json.loads(Path(self.deepspeed).read_text(encoding="utf-8"))
+                    .get("zero_optimization", {})
+                    .get("stage")
+                )
+            except (OSError, json.JSONDecodeError) as err:
+                raise TraceError(f"--deepspeed {self.deepspeed}: {err}") from err
+        if stage != 3:
+            raise TraceError(
+                "--offload-reference needs a ZeRO-3 --deepspeed config (ds_configs/zero3.json): only "
+                "ZeRO-3 partitions the reference and can keep its partitions in host memory"
             )

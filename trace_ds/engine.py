@@ -102,12 +102,17 @@ class Strategy:
     stage: str = ""
     _hf_ds_config: Any = None  # keeps transformers' zero.Init switch alive while models are built
     _meter: MemoryMeter | None = None  # set when TRACE_DS_MEMORY_REPORT asks for per-rank peaks
+    _memory_records: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def create(cls, ds_config: dict[str, Any] | None, stage: str = "") -> Strategy:
         strategy = cls._create(ds_config)
         strategy.stage = stage
         if report_path():
+            # the libraries every stage imports (about 150 MiB of code and tables) are not the stage's memory
+            import peft  # noqa: F401
+            import transformers.modeling_utils  # noqa: F401
+
             strategy._meter = MemoryMeter.start(strategy.device)
         return strategy
 
@@ -153,8 +158,10 @@ class Strategy:
 
     def prepare_inference(self, model: nn.Module) -> nn.Module:
         """Wrap a model without optimizer: under ZeRO-3 its parameters stay partitioned and are gathered per
-        layer in forward and backward. Returns the module to call."""
-        if not self.distributed:
+        layer in forward and backward. ZeRO 0-2 partition only optimizer state and gradients, which inference
+        has none of: there every rank holds the model (DeepSpeed refuses stage 1-2 without an optimizer).
+        Returns the module to call."""
+        if self.zero_stage != 3:
             return model.to(self.device)
         import deepspeed
 
@@ -176,9 +183,37 @@ class Strategy:
         engine, *_ = deepspeed.initialize(**kwargs)
         return engine
 
-    def prepare_reference(self, model: nn.Module) -> nn.Module:
+    def reference_config(self, offload: bool = False) -> dict[str, Any]:
+        """The reference engine's DeepSpeed config: no optimizer, and with ``offload`` its ZeRO-3 partitions
+        in host memory (``offload_param``), so the frozen copy costs no device memory."""
+        config = {k: v for k, v in (self.ds_config or {}).items() if k not in ("optimizer", "scheduler")}
+        zero = dict(config.get("zero_optimization", {}))
+        zero.pop("offload_optimizer", None)
+        if offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        config["zero_optimization"] = zero
+        return config
+
+    @contextlib.contextmanager
+    def building_reference(self, offload: bool = False) -> Iterator[None]:
+        """Models loaded inside are partitioned as the reference engine will hold them (``zero.Init`` reads
+        the offload setting when the model is built, not when the engine wraps it)."""
+        if self.zero_stage != 3 or not offload:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        policy = self._hf_ds_config
+        self._hf_ds_config = HfDeepSpeedConfig(self.reference_config(offload))
+        try:
+            yield
+        finally:
+            self._hf_ds_config = HfDeepSpeedConfig(policy.config) if policy is not None else None
+
+    def prepare_reference(self, model: nn.Module, offload: bool = False) -> nn.Module:
         """The frozen reference. Under ZeRO-3 a partitioned inference engine without optimizer state (so no
-        rank holds a full replica; the config's offload_param applies); otherwise the model on the device."""
+        rank holds a full replica; ``offload`` keeps its partitions in host memory); otherwise the model on
+        the device."""
         for param in model.parameters():
             param.requires_grad_(False)
         model.eval()
@@ -186,11 +221,7 @@ class Strategy:
             return model.to(self.device)
         import deepspeed
 
-        config = {k: v for k, v in (self.ds_config or {}).items() if k not in ("optimizer", "scheduler")}
-        zero = dict(config.get("zero_optimization", {}))
-        zero.pop("offload_optimizer", None)
-        config["zero_optimization"] = zero
-        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine, *_ = deepspeed.initialize(model=model, config=self.reference_config(offload))
         return engine.module
 
     def grad_norm(self, engine: Any) -> float | None:
@@ -261,17 +292,27 @@ class Strategy:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return float(tensor.item())
 
+    def memory_segment(self, label: str) -> None:
+        """With a memory report: record this rank's peak since the last segment as ``stage:label`` (growth
+        over the stage's baseline), then measure the next segment afresh."""
+        if self._meter is not None:
+            record = self._meter.record(
+                stage=f"{self.stage}:{label}", rank=self.rank, world_size=self.world_size
+            )
+            self._memory_records.append(record)
+            self._meter.reset_peak()
+
     def close(self) -> None:
         """Write the memory report if one was asked for, and wait for every rank. The process group stays up
         (DeepSpeed caches groups; destroying it would break a later stage in the same launch, as `trace-ds
         run` does) and ends with the process."""
         path = report_path()
         if self._meter is not None and path:
-            record = self._meter.record(stage=self.stage, rank=self.rank, world_size=self.world_size)
-            records = self.all_gather_object(record)
+            self.memory_segment("end")
+            gathered = self.all_gather_object(self._memory_records)
             if self.is_main:
                 with open(path, "a", encoding="utf-8") as sink:
-                    append_lines(sink, [dumps(r) for r in records])
+                    append_lines(sink, [dumps(r) for records in gathered for r in records])
         if self.distributed:
             import torch.distributed as dist
 

@@ -60,6 +60,13 @@ class MemoryMeter:
             meter.baseline = host_rss()
         return meter
 
+    def reset_peak(self) -> None:
+        """Start a new segment: the peak restarts from the current level, the baseline stays."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_host_peak()
+
     def peak(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)

@@ -276,7 +276,10 @@ class Trainer:
         if cfg.lora:
             self.reference = None
         else:
-            self.reference = strategy.prepare_reference(load_causal_lm(cfg.model, cfg.dtype))
+            with strategy.building_reference(cfg.offload_reference):
+                reference = load_causal_lm(cfg.model, cfg.dtype)
+            self.reference = strategy.prepare_reference(reference, cfg.offload_reference)
+        strategy.memory_segment("load")
         self.ref_logps: dict[str, tuple[float, float]] = (
             self._precompute() if cfg.precompute_ref_logps else {}
         )
@@ -427,6 +430,7 @@ class Trainer:
                         )
                         return {"stopped_at": self.step}
             summary = {"steps": self.step, "stream": self.data.counts()}
+            strategy.memory_segment("steps")
             self.export(summary)
             return summary
         finally:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from trace_ds.io import TraceError, free_port, write_json
-from trace_ds.memory import MIB, MemoryMeter
+from trace_ds.memory import MIB, REPORT_ENV, MemoryMeter
 
 LOADERS = ("trace-ds", "transformers")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -60,11 +60,15 @@ def _verify_against_checkpoint(model: torch.nn.Module, name: str) -> int:
         with deepspeed.zero.GatheredParameters([param]), safe_open(str(weight_map[key]), "pt") as handle:
             expected = handle.get_tensor(key).to(param.dtype)
             if not torch.equal(param.detach().cpu(), expected):
-                raise TraceError(f"{name}: {tensor_name} differs from the checkpoint after partitioned loading")
+                raise TraceError(
+                    f"{name}: {tensor_name} differs from the checkpoint after partitioned loading"
+                )
             reader = SafetensorsReader(weight_map[key])
             try:
                 if not torch.equal(reader.tensor(key), handle.get_tensor(key)):
-                    raise TraceError(f"{weight_map[key]}: {key} read differently from safetensors' own reader")
+                    raise TraceError(
+                        f"{weight_map[key]}: {key} read differently from safetensors' own reader"
+                    )
             finally:
                 reader.close()
         checked += 1
@@ -131,3 +135,187 @@ def run_load_benchmark(
         report = json.loads(out.read_text(encoding="utf-8"))
         results["loaders"][loader] = [r["peak_growth_mib"] for r in report["ranks"]]
     return results
+
+
+# ------------------------------------------------------------------------------ plan vs measured peaks
+
+_DS_BASE: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": 1.0,
+    "bf16": {"enabled": False},
+    "fp16": {"enabled": False},
+    "zero_allow_untested_optimizer": True,
+    "wall_clock_breakdown": False,
+}
+CATEGORY_CYCLE = ("inversion", "suppression", "retention")
+
+
+def exact_length_pairs(n: int, tokens: int, vocab: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` pre-tokenized pairs whose sequences are exactly ``tokens`` long (prompt half, response half),
+    cycling through inversion, suppression and retention, so every micro-batch has the planned shape."""
+    import random
+
+    rng = random.Random(seed)
+    prompt, response = tokens // 2, tokens - tokens // 2
+
+    def ids(k: int) -> list[int]:
+        return [rng.randrange(4, vocab) for _ in range(k)]
+
+    return [
+        {
+            "id": f"p{i}",
+            "prompt_input_ids": [1, *ids(prompt - 1)],
+            "chosen_input_ids": [*ids(response - 1), 2],
+            "rejected_input_ids": [*ids(response - 1), 2],
+            "category": CATEGORY_CYCLE[i % len(CATEGORY_CYCLE)],
+        }
+        for i in range(n)
+    ]
+
+
+def measure_stages(
+    model_dir: str,
+    workdir: Path,
+    zero: int,
+    ranks: int,
+    micro_batch: int,
+    seq_len: int,
+    gradient_checkpointing: bool = False,
+    steps: int = 2,
+) -> dict[str, list[float]]:
+    """Run `trace-ds score` and `trace-ds train` (``steps`` optimizer steps) with a memory report; returns
+    the per-rank peak growth (MiB) of each recorded segment, e.g. ``score:end`` and ``train:steps``."""
+    from transformers import AutoConfig
+
+    from trace_ds.io import write_jsonl
+
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    workdir.mkdir(parents=True, exist_ok=True)
+    n_pairs = micro_batch * ranks * steps
+    pairs = exact_length_pairs(n_pairs, seq_len, vocab, seed=0)
+    triaged = workdir / "triaged.jsonl"
+    write_jsonl(triaged, pairs)
+    zero_section: dict[str, Any] = {"stage": zero}
+    if zero == 3:
+        zero_section.update(
+            stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True
+        )
+    ds_config = workdir / f"ds_zero{zero}.json"
+    write_json(ds_config, {**_DS_BASE, "zero_optimization": zero_section})
+    report = workdir / "memory.jsonl"
+    report.unlink(missing_ok=True)
+    caps = ["--max-length", str(seq_len), "--max-prompt-length", str(seq_len // 2)]
+    common = ["--model", model_dir, "--triaged", str(triaged), "--micro-batch", str(micro_batch), *caps]
+    common += ["--deepspeed", str(ds_config)] + (
+        ["--gradient-checkpointing"] if gradient_checkpointing else []
+    )
+    scores = workdir / "scores.jsonl"
+    score_args = ["score", *common, "--out", str(scores), "--probe-size", str(micro_batch * ranks)]
+    launch([*score_args, "--allow-empty"], ranks, {REPORT_ENV: str(report)}, workdir / "score.log")
+    train_args = ["train", *common, "--scores", str(scores), "--out", str(workdir / "train")]
+    train_args += ["--max-steps", str(steps), "--buffer-size", "1", "--alpha-kl", "1"]
+    launch(train_args, ranks, {REPORT_ENV: str(report)}, workdir / "train.log")
+    segments: dict[str, list[float]] = {}
+    for line in report.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        segments.setdefault(record["stage"], [0.0] * ranks)[record["rank"]] = record["peak_growth_mib"]
+    return segments
+
+
+def planned_mib(
+    model_dir: str, zero: int, ranks: int, micro_batch: int, seq_len: int, checkpointing: bool
+) -> dict[str, float]:
+    """`trace-ds plan`'s scoring and training totals (MiB per rank) for the measured launch: fp32 on the CPU."""
+    from trace_ds.plan import PlanSettings, model_shape, plan
+
+    settings = PlanSettings(
+        ranks_per_node=ranks, zero=zero, micro_batch=micro_batch, seq_len=seq_len, dtype="float32"
+    )
+    result = plan(model_shape(model_dir), settings)["checkpointing" if checkpointing else "no_checkpointing"]
+    return {stage: result[stage]["total"] / MIB for stage in ("scoring", "training")}
+
+
+def compare_plan(
+    model_dir: str,
+    workdir: Path,
+    zero: int,
+    ranks: int,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: bool = False,
+) -> list[dict[str, Any]]:
+    """Measured peak (the larger rank) against the plan, for scoring and for the training steps."""
+    measured = measure_stages(model_dir, workdir, zero, ranks, micro_batch, seq_len, checkpointing)
+    planned = planned_mib(model_dir, zero, ranks, micro_batch, seq_len, checkpointing)
+    rows = []
+    for stage, segment in (("scoring", "score:end"), ("training", "train:steps")):
+        peak = max(measured[segment])
+        rows.append(
+            {
+                "model_mib": checkpoint_mib(model_dir), "zero": zero, "ranks": ranks, "checkpointing": checkpointing,
+                "stage": stage, "measured_mib": peak, "planned_mib": planned[stage],
+                "error": planned[stage] / peak - 1.0,
+            }
+        )  # fmt: skip
+    return rows
+
+
+def run_memory_benchmark(settings: dict[str, Any], out: str | None = None) -> dict[str, Any]:
+    """Loading peaks (both loaders) and plan-vs-measured rows for every model depth x ZeRO stage."""
+    workdir = Path(settings["workdir"])
+    report: dict[str, Any] = {"settings": settings, "load": [], "plan": []}
+    for layers in settings["layers"]:
+        model_dir = workdir / "models" / f"layers{layers}"
+        if not (model_dir / "model.safetensors").exists():
+            from trace_ds.tiny import build_tiny_llama
+
+            heads = max(settings["hidden"] // 64, 1)
+            build_tiny_llama(
+                model_dir, settings["vocab"], hidden_size=settings["hidden"], num_layers=layers, num_heads=heads,
+                num_kv_heads=heads, intermediate_size=3 * settings["hidden"], seed=0,
+            )  # fmt: skip
+        load = run_load_benchmark(
+            str(model_dir), workdir / f"load{layers}", settings["ranks"], _zero3_config(workdir)
+        )
+        report["load"].append({"layers": layers, **load})
+        for zero in settings["zero"]:
+            for checkpointing in [False, True] if settings["checkpointing"] else [False]:
+                tag = f"layers{layers}_zero{zero}{'_ckpt' if checkpointing else ''}"
+                report["plan"] += compare_plan(
+                    str(model_dir), workdir / tag, zero, settings["ranks"], settings["micro_batch"],
+                    settings["seq_len"], checkpointing,
+                )  # fmt: skip
+    if out:
+        write_json(out, report)
+    return report
+
+
+def _zero3_config(workdir: Path) -> str:
+    path = workdir / "ds_zero3_load.json"
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    write_json(path, {**_DS_BASE, "zero_optimization": zero})
+    return str(path)
+
+
+def markdown_tables(report: dict[str, Any]) -> str:
+    lines = [
+        "| checkpoint (MiB) | ranks | loader | peak growth per rank while loading (MiB) |",
+        "|---:|---:|---|---|",
+    ]
+    for row in report["load"]:
+        for loader, peaks in row["loaders"].items():
+            lines.append(
+                f"| {row['checkpoint_mib']:.0f} | {row['ranks']} | {loader} | {', '.join(f'{p:.0f}' for p in peaks)} |"
+            )
+    lines += [
+        "",
+        "| model (MiB) | ZeRO | ranks | checkpointing | stage | measured peak (MiB) | `trace-ds plan` (MiB) | error |",
+        "|---:|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for row in report["plan"]:
+        lines.append(
+            f"| {row['model_mib']:.0f} | {row['zero']} | {row['ranks']} | {'yes' if row['checkpointing'] else 'no'} | "
+            f"{row['stage']} | {row['measured_mib']:.0f} | {row['planned_mib']:.0f} | {row['error']:+.0%} |"
+        )
+    return "\n".join(lines)

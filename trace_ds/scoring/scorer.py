@@ -230,6 +230,7 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
         enable_gradient_checkpointing(model)
     pad_id = pad_token_id(tokenizer, model)
     module = strategy.prepare_inference(model)
+    strategy.memory_segment("load")
     fingerprint = config.fingerprint()
     done = strategy.broadcast_object(
         load_partial(paths["partial"], fingerprint) if strategy.is_main else None
