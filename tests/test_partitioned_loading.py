@@ -86,3 +86,40 @@ def test_rank_peak_during_load_grows_like_half_the_model(tmp_path: Path) -> None
         slope = (peak_large - peak_small) / added
         assert 0.35 < slope < 0.75, f"rank {rank}: peak grows by {slope:.2f} x the added model size"
         assert peak_large < 0.75 * large["checkpoint_mib"], f"rank {rank}: peak {peak_large:.0f} MiB"
+
+
+def test_plain_model_loads_through_the_reader_with_either_key_prefix(tmp_path: Path) -> None:
+    """Without ZeRO-3 every tensor is whole, so the same loader fills them whole: a checkpoint saved with or
+    without the base-model prefix ("model.") loads; a missing tensor is named."""
+    from transformers import AutoModelForCausalLM
+
+    from trace_ds.partitioned import load_partitioned_weights
+
+    source = build_tiny_llama(tmp_path / "saved", 300, hidden_size=64, num_layers=2, seed=3)
+    weight_map = safetensors_weight_map(str(tmp_path / "saved")) or {}
+    fresh = AutoModelForCausalLM.from_config(source.config)
+    load_partitioned_weights(fresh, "saved", weight_map)
+    for (name, expected), (_, got) in zip(
+        source.state_dict().items(), fresh.state_dict().items(), strict=True
+    ):
+        assert torch.equal(expected, got), name
+
+    stripped = {k.removeprefix("model."): v.contiguous() for k, v in source.state_dict().items()}
+    save_file(stripped, str(tmp_path / "stripped.safetensors"))
+    other = AutoModelForCausalLM.from_config(source.config)
+    load_partitioned_weights(other, "stripped", dict.fromkeys(stripped, tmp_path / "stripped.safetensors"))
+    assert torch.equal(other.model.embed_tokens.weight, source.model.embed_tokens.weight)
+
+    partial = {k: v for k, v in weight_map.items() if "layers.1." not in k}
+    with pytest.raises(partitioned.TraceError, match=r"no tensor for \['model\.layers\.1\."):
+        load_partitioned_weights(AutoModelForCausalLM.from_config(source.config), "partial", partial)
+
+
+def test_non_safetensors_checkpoints_fall_back(tmp_path: Path) -> None:
+    """A folder with only pytorch_model.bin has no safetensors weight map: load_causal_lm then warns and uses
+    transformers' loader."""
+    model = build_tiny_llama(tmp_path, 300, hidden_size=64, num_layers=1)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+    assert safetensors_weight_map(str(tmp_path)) is None
+    assert set(safetensors_weight_map(str(REPO / "tests")) or {}) == set()  # no checkpoint at all: None too

@@ -92,6 +92,7 @@ def _export_full(
             f"export incomplete: {len(missing)} parameters missing or partial, e.g. {missing[:3]}"
         )
     module.save_pretrained(str(out_dir), state_dict=_cast(state, dtype))
+    state.clear()  # rank 0 holds the full model once, not twice: freed before the saved copy is reloaded
     return _verify_saved(out_dir, expected, dtype, input_ids, trained, kind="model")
 
 

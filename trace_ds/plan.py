@@ -225,7 +225,8 @@ def plan(shape: ModelShape, settings: PlanSettings) -> dict[str, Any]:
         "optimizer_offloaded": optimizer - optimizer_device,
         "parameters_offloaded": params - params_device,
         "reference_offloaded": params if (zero3 and settings.offload_reference and has_reference) else 0,
-        "export_rank0": 2 * shape.params * b,  # consolidated state dict + the reloaded model that checks it
+        # the consolidated state dict, freed before the saved model is reloaded to check it
+        "export_rank0": shape.params * b,
     }
     result["host"] = host
     if settings.device_gib is not None:
