@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from trace_ds import __version__
 from trace_ds.console import console, key_value_table, print_triage_report
@@ -21,7 +22,8 @@ class TraceGroup(click.Group):
         try:
             return super().invoke(ctx)
         except TraceError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # the message is data (paths, log tails with [brackets]), never rich markup
+            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
 

@@ -62,6 +62,19 @@ def _single_process_defaults() -> None:
     )
 
 
+def _unlink_cpu_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU accelerator creates a 69 MB shared-memory buffer per rank (/dev/shm, i.e. RAM) and
+    never removes it: every CPU launch would leak one per rank. Once every rank has mapped every buffer
+    (its initialisation waits for that; the barrier waits for every rank), removing the name is safe: the
+    mappings stay valid and the memory is freed when the processes end, even when they are killed."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+    with contextlib.suppress(OSError):
+        (Path("/dev/shm") / name).unlink()
+
+
 def load_ds_config(
     path: str | None, micro_batch: int, grad_accum: int = 1, dtype: str = "float32"
 ) -> dict[str, Any]:
@@ -138,6 +151,8 @@ class Strategy:
             accelerator.set_device(local_rank)
             device = torch.device(accelerator.device_name(), local_rank)
         strategy = cls(ds_config, dist.get_rank(), dist.get_world_size(), device)
+        if accelerator.device_name() == "cpu":
+            _unlink_cpu_shm_buffer(strategy.rank)
         if strategy.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
