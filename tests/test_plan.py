@@ -73,14 +73,6 @@ def test_cli_prints_the_table_and_says_what_fits(tmp_path: Path) -> None:
     assert "DOES NOT FIT" not in result.output
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--zero", "2", "--offload-reference"], "--offload-reference needs --zero 3"),
-        (["--zero", "2", "--deepspeed", "ds_configs/cpu.json"], "is ZeRO-3 but --zero is 2"),
-        (["--lora", "--lora-targets", "nope"], "none of ['nope'] is a linear module"),
-    ],
-)
 def test_errors_with_brackets_print_verbatim() -> None:
     """An error message is data (paths, log tails like gloo's "[/path/pair.cc:553]"), not rich markup."""
     result = CliRunner().invoke(main, ["plan", "--model", "/no/such[/x]/model"], terminal_width=200)
@@ -89,6 +81,14 @@ def test_errors_with_brackets_print_verbatim() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--zero", "2", "--offload-reference"], "--offload-reference needs --zero 3"),
+        (["--zero", "2", "--deepspeed", "ds_configs/cpu.json"], "is ZeRO-3 but --zero is 2"),
+        (["--lora", "--lora-targets", "nope"], "none of ['nope'] is a linear module"),
+    ],
+)
 def test_bad_options_are_named(
     tmp_path: Path, extra: list[str], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
