@@ -686,13 +686,27 @@ def tpa_command(generations: str, verdicts: str, out: str) -> None:
 @click.option(
     "--model", required=True, help="Model folder, config.json, or hub id (only the config is read)."
 )
-@click.option("--ranks", default=1, show_default=True, help="Ranks (GPUs) per node.")
-@click.option("--nodes", default=1, show_default=True)
+@click.option(
+    "--ranks", default=1, type=click.IntRange(min=1), show_default=True, help="Ranks (GPUs) per node."
+)
+@click.option("--nodes", default=1, type=click.IntRange(min=1), show_default=True)
 @click.option("--zero", type=click.IntRange(0, 3), default=3, show_default=True, help="ZeRO stage.")
 @click.option("--offload", is_flag=True, help="Optimizer states (and ZeRO-3 parameters) in host memory.")
 @click.option("--offload-reference", is_flag=True, help="As `train --offload-reference` (ZeRO-3).")
-@click.option("--micro-batch", default=4, show_default=True, help="Pairs per micro-batch per rank.")
-@click.option("--seq-len", default=1024, show_default=True, help="Tokens per sequence (prompt + response).")
+@click.option(
+    "--micro-batch",
+    default=4,
+    type=click.IntRange(min=1),
+    show_default=True,
+    help="Pairs per micro-batch per rank.",
+)
+@click.option(
+    "--seq-len",
+    default=1024,
+    type=click.IntRange(min=2),
+    show_default=True,
+    help="Tokens per sequence (prompt + response).",
+)
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16", show_default=True
 )
@@ -720,10 +734,9 @@ def plan_command(model: str, deepspeed: str | None, json_out: str | None, **opti
     lora = _lora_config(options)
     ds_config: dict[str, Any] = {}
     if deepspeed:
-        try:
-            ds_config = json.loads(Path(deepspeed).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise TraceError(f"--deepspeed {deepspeed}: {err}") from err
+        from trace_ds.engine import load_ds_config
+
+        ds_config = load_ds_config(deepspeed, options["micro_batch"], dtype=options["dtype"])
         zero_section = ds_config.get("zero_optimization", {})
         stage = zero_section.get("stage")
         if stage is not None and int(stage) != options["zero"]:
