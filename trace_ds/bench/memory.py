@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from trace_ds.engine import CPU_ZERO3_CONFIG
 from trace_ds.io import TraceError, free_port, write_json
 from trace_ds.memory import MIB, REPORT_ENV, MemoryMeter
 
@@ -139,15 +140,6 @@ def run_load_benchmark(
 
 # ------------------------------------------------------------------------------ plan vs measured peaks
 
-_DS_BASE: dict[str, Any] = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": 1.0,
-    "bf16": {"enabled": False},
-    "fp16": {"enabled": False},
-    "zero_allow_untested_optimizer": True,
-    "wall_clock_breakdown": False,
-}
 CATEGORY_CYCLE = ("inversion", "suppression", "retention")
 
 
@@ -202,7 +194,7 @@ def measure_stages(
             stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True
         )
     ds_config = workdir / f"ds_zero{zero}.json"
-    write_json(ds_config, {**_DS_BASE, "zero_optimization": zero_section})
+    write_json(ds_config, {**CPU_ZERO3_CONFIG, "zero_optimization": zero_section})
     report = workdir / "memory.jsonl"
     report.unlink(missing_ok=True)
     caps = ["--max-length", str(seq_len), "--max-prompt-length", str(seq_len // 2)]
@@ -294,7 +286,7 @@ def run_memory_benchmark(settings: dict[str, Any], out: str | None = None) -> di
 def _zero3_config(workdir: Path) -> str:
     path = workdir / "ds_zero3_load.json"
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
-    write_json(path, {**_DS_BASE, "zero_optimization": zero})
+    write_json(path, {**CPU_ZERO3_CONFIG, "zero_optimization": zero})
     return str(path)
 
 
