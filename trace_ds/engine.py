@@ -7,6 +7,7 @@ DeepSpeed integration), wrapped in an engine, and collectives go through this ob
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -60,6 +61,16 @@ def _single_process_defaults() -> None:
     os.environ.update(
         RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
     )
+
+
+def _destroy_process_group() -> None:
+    """At exit, after every stage of the launch: join the backend's threads while the interpreter is whole.
+    Left to interpreter teardown, gloo's threads were occasionally destroyed unjoined ("terminate called
+    without an active exception"), failing a launch whose work had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _unlink_cpu_shm_buffer(rank: int) -> None:
@@ -144,6 +155,7 @@ class Strategy:
         timeout = os.environ.get("TRACE_DS_DIST_TIMEOUT_S")  # a short one in tests: a hang fails fast
         kwargs = {"timeout": timedelta(seconds=float(timeout))} if timeout else {}
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), **kwargs)
+        atexit.register(_destroy_process_group)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if accelerator.device_name() == "cpu":
             device = torch.device("cpu")
