@@ -849,6 +849,7 @@ def bench_train(n_pairs: int, arms: str, out: str | None, **settings: Any) -> No
     show_default=True,
     help="Also with gradient checkpointing.",
 )
+@click.option("--lora", is_flag=True, help="Only the plan rows, with LoRA adapters (scoring and training).")
 @click.option("--workdir", default="runs/bench_memory", show_default=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
 def bench_memory(layers: str, zero: str, out: str | None, **settings: Any) -> None:

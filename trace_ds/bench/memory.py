@@ -175,6 +175,7 @@ def measure_stages(
     seq_len: int,
     gradient_checkpointing: bool = False,
     steps: int = 2,
+    lora: bool = False,
 ) -> dict[str, list[float]]:
     """Run `trace-ds score` and `trace-ds train` (``steps`` optimizer steps) with a memory report; returns
     the per-rank peak growth (MiB) of each recorded segment, e.g. ``score:end`` and ``train:steps``."""
@@ -202,6 +203,7 @@ def measure_stages(
     common += ["--deepspeed", str(ds_config)] + (
         ["--gradient-checkpointing"] if gradient_checkpointing else []
     )
+    common += ["--lora"] if lora else []  # default rank and targets: train reuses score's initial adapter
     scores = workdir / "scores.jsonl"
     score_args = ["score", *common, "--out", str(scores), "--probe-size", str(micro_batch * ranks)]
     launch([*score_args, "--allow-empty"], ranks, {REPORT_ENV: str(report)}, workdir / "score.log")
@@ -216,15 +218,23 @@ def measure_stages(
 
 
 def planned_mib(
-    model_dir: str, zero: int, ranks: int, micro_batch: int, seq_len: int, checkpointing: bool
+    model_dir: str,
+    zero: int,
+    ranks: int,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: bool,
+    lora: bool = False,
 ) -> dict[str, float]:
     """`trace-ds plan`'s scoring and training totals (MiB per rank) for the measured launch: fp32 on the CPU."""
+    from trace_ds.config import LoraConfig
     from trace_ds.plan import PlanSettings, model_shape, plan
 
     settings = PlanSettings(
         ranks_per_node=ranks, zero=zero, micro_batch=micro_batch, seq_len=seq_len, dtype="float32"
     )
-    result = plan(model_shape(model_dir), settings)["checkpointing" if checkpointing else "no_checkpointing"]
+    shape = model_shape(model_dir, LoraConfig() if lora else None)
+    result = plan(shape, settings)["checkpointing" if checkpointing else "no_checkpointing"]
     return {stage: result[stage]["total"] / MIB for stage in ("scoring", "training")}
 
 
@@ -236,17 +246,18 @@ def compare_plan(
     micro_batch: int,
     seq_len: int,
     checkpointing: bool = False,
+    lora: bool = False,
 ) -> list[dict[str, Any]]:
     """Measured peak (the larger rank) against the plan, for scoring and for the training steps."""
-    measured = measure_stages(model_dir, workdir, zero, ranks, micro_batch, seq_len, checkpointing)
-    planned = planned_mib(model_dir, zero, ranks, micro_batch, seq_len, checkpointing)
+    measured = measure_stages(model_dir, workdir, zero, ranks, micro_batch, seq_len, checkpointing, lora=lora)
+    planned = planned_mib(model_dir, zero, ranks, micro_batch, seq_len, checkpointing, lora)
     rows = []
     for stage, segment in (("scoring", "score:end"), ("training", "train:steps")):
         peak = max(measured[segment])
         rows.append(
             {
                 "model_mib": checkpoint_mib(model_dir), "zero": zero, "ranks": ranks, "checkpointing": checkpointing,
-                "stage": stage, "measured_mib": peak, "planned_mib": planned[stage],
+                "stage": f"{stage} (LoRA)" if lora else stage, "measured_mib": peak, "planned_mib": planned[stage],
                 "error": planned[stage] / peak - 1.0,
             }
         )  # fmt: skip
@@ -267,16 +278,17 @@ def run_memory_benchmark(settings: dict[str, Any], out: str | None = None) -> di
                 model_dir, settings["vocab"], hidden_size=settings["hidden"], num_layers=layers, num_heads=heads,
                 num_kv_heads=heads, intermediate_size=3 * settings["hidden"], seed=0,
             )  # fmt: skip
-        load = run_load_benchmark(
-            str(model_dir), workdir / f"load{layers}", settings["ranks"], _zero3_config(workdir)
-        )
-        report["load"].append({"layers": layers, **load})
+        if not settings.get("lora"):  # --lora: only the LoRA rows (loading does not depend on it)
+            load = run_load_benchmark(
+                str(model_dir), workdir / f"load{layers}", settings["ranks"], _zero3_config(workdir)
+            )
+            report["load"].append({"layers": layers, **load})
         for zero in settings["zero"]:
             for checkpointing in [False, True] if settings["checkpointing"] else [False]:
-                tag = f"layers{layers}_zero{zero}{'_ckpt' if checkpointing else ''}"
+                tag = f"layers{layers}_zero{zero}{'_ckpt' if checkpointing else ''}{'_lora' if settings.get('lora') else ''}"
                 report["plan"] += compare_plan(
                     str(model_dir), workdir / tag, zero, settings["ranks"], settings["micro_batch"],
-                    settings["seq_len"], checkpointing,
+                    settings["seq_len"], checkpointing, bool(settings.get("lora")),
                 )  # fmt: skip
     if out:
         write_json(out, report)
@@ -291,17 +303,18 @@ def _zero3_config(workdir: Path) -> str:
 
 
 def markdown_tables(report: dict[str, Any]) -> str:
-    lines = [
-        "| checkpoint (MiB) | ranks | loader | peak growth per rank while loading (MiB) |",
-        "|---:|---:|---|---|",
-    ]
-    for row in report["load"]:
-        for loader, peaks in row["loaders"].items():
-            lines.append(
-                f"| {row['checkpoint_mib']:.0f} | {row['ranks']} | {loader} | {', '.join(f'{p:.0f}' for p in peaks)} |"
-            )
+    lines = []
+    if report["load"]:
+        lines += [
+            "| checkpoint (MiB) | ranks | loader | peak growth per rank while loading (MiB) |",
+            "|---:|---:|---|---|",
+        ]
+        for row in report["load"]:
+            for loader, peaks in row["loaders"].items():
+                peaks_text = ", ".join(f"{p:.0f}" for p in peaks)
+                lines.append(f"| {row['checkpoint_mib']:.0f} | {row['ranks']} | {loader} | {peaks_text} |")
+        lines.append("")
     lines += [
-        "",
         "| model (MiB) | ZeRO | ranks | checkpointing | stage | measured peak (MiB) | `trace-ds plan` (MiB) | error |",
         "|---:|---:|---:|---|---|---:|---:|---:|",
     ]
