@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from trace_ds.cli import main
@@ -23,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-def test_zero3_two_ranks_equal_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_zero3_two_ranks_equal_one_process(tiny_model_dir: Path, tmp_path: Path, lora: bool) -> None:
     build_benchmark(tmp_path / "bench", n_pairs=40, seed=5, n_eval_prompts=8, n_eval_pairs=8)
     triaged = tmp_path / "triaged.jsonl"
     run_triage(
@@ -45,7 +47,7 @@ def test_zero3_two_ranks_equal_one_process(tiny_model_dir: Path, tmp_path: Path)
         "--beta",
         "0.5",
         "--allow-empty",
-    ]
+    ] + (["--lora"] if lora else [])
 
     one = tmp_path / "one" / "s.jsonl"
     result = CliRunner().invoke(main, ["score", *args, "--out", str(one)])
@@ -78,3 +80,12 @@ def test_zero3_two_ranks_equal_one_process(tiny_model_dir: Path, tmp_path: Path)
     assert meta_two["parameters_covered"] == meta_one["parameters_covered"]
     # G is partitioned: rank 0 holds about half of it (each tensor's shard is padded to a multiple of 2)
     assert meta_two["probe_gradient_numel_on_rank0"] <= meta_one["probe_gradient_numel_on_rank0"] // 2 + 64
+    if lora:  # the initial adapter is saved under ZeRO-3 too (gathered before any pass), and identical
+        from safetensors.torch import load_file
+
+        adapters = [
+            load_file(str(d / "s.initial_adapter" / "adapter_model.safetensors"))
+            for d in (one.parent, two.parent)
+        ]
+        assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) > 0
+        assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

@@ -230,6 +230,10 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
         enable_gradient_checkpointing(model)
     pad_id = pad_token_id(tokenizer, model)
     module = strategy.prepare_inference(model)
+    if config.lora:
+        # Scoring never changes the adapter, so it is saved now, before any forward: under ZeRO-3, gathering
+        # it after the passes fails (DeepSpeed still counts the parameters as in use by their modules).
+        _save_adapter(module, paths["adapter"], strategy)
     strategy.memory_segment("load")
     fingerprint = config.fingerprint()
     done = strategy.broadcast_object(
@@ -293,8 +297,6 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
             "pairs_per_s": round(len(todo) / score_seconds, 3) if score_seconds > 0 and todo else None,
         }
         write_json(paths["meta"], meta)
-    if config.lora:
-        _save_adapter(module, paths["adapter"], strategy)
     if strategy.is_main:
         paths["partial"].unlink(missing_ok=True)
     return meta
