@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from trace_ds.io import free_port
+from trace_ds.io import free_port, trace_ds_command
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -40,16 +40,8 @@ def kill_when_lines(command: list[str], watched: Path, min_lines: int, wait_s: f
 
 def deepspeed_command(ranks: int, *trace_ds_args: str) -> list[str]:
     """``deepspeed --num_gpus N trace-ds ...`` from this venv, on a free rendezvous port."""
-    bin_dir = Path(sys.executable).parent
-    return [
-        str(bin_dir / "deepspeed"),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        str(bin_dir / "trace-ds"),
-        *trace_ds_args,
-    ]
+    assert ranks > 1, "one rank runs without the launcher: use trace_ds.io.trace_ds_command"
+    return trace_ds_command(ranks, *trace_ds_args)
 
 
 def torchrun_node_commands(nnodes: int, *trace_ds_args: str) -> list[list[str]]:

@@ -74,6 +74,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def trace_ds_command(ranks: int, *args: str) -> list[str]:
+    """``trace-ds ARGS`` on ``ranks`` local ranks: this environment's ``deepspeed`` launcher on a free
+    rendezvous port when there are several, else one plain process."""
+    import sys
+
+    if ranks <= 1:
+        return [sys.executable, "-m", "trace_ds.cli", *args]
+    bin_dir = Path(sys.executable).parent
+    launcher = [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    return [*launcher, str(bin_dir / "trace-ds"), *args]
+
+
 def append_lines(sink: IO, lines: Iterable[str]) -> None:
     """Append whole lines and fsync, so a kill loses at most the line being written (resume files)."""
     text = "".join(line + "\n" for line in lines)

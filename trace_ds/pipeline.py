@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 from trace_ds import __version__
 from trace_ds.console import console
-from trace_ds.io import TraceError, free_port, read_json, write_json
+from trace_ds.io import TraceError, read_json, trace_ds_command, write_json
 
 METHODS = {
     "trace": "TRACE (triage, impact weights, KL)",
@@ -162,21 +161,7 @@ class Pipeline:
         self._run_phase("distributed", is_main=rank == 0)
 
     def _launch(self, ranks: int, pending: list[Stage]) -> None:
-        bin_dir = Path(sys.executable).parent
-        stage_args = ["run", self.config_path, "--phase", "distributed"]
-        if ranks > 1:
-            port = str(free_port())
-            command = [
-                str(bin_dir / "deepspeed"),
-                "--num_gpus",
-                str(ranks),
-                "--master_port",
-                port,
-                str(bin_dir / "trace-ds"),
-                *stage_args,
-            ]
-        else:
-            command = [sys.executable, "-m", "trace_ds.cli", *stage_args]
+        command = trace_ds_command(ranks, "run", self.config_path, "--phase", "distributed")
         console.print(f"launching {len(pending)} distributed stage(s) on {ranks} ranks: {' '.join(command)}")
         env = dict(os.environ)
         env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")

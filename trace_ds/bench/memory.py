@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trace_ds.engine import CPU_ZERO3_CONFIG
-from trace_ds.io import TraceError, free_port, write_json
+from trace_ds.io import TraceError, trace_ds_command, write_json
 from trace_ds.memory import MIB, REPORT_ENV, MemoryMeter
 
 LOADERS = ("trace-ds", "transformers")
@@ -96,13 +95,7 @@ def measure_load(model: str, deepspeed: str, loader: str, dtype: str, out: str, 
 
 def launch(args: list[str], ranks: int, env: dict[str, str], log: Path, timeout_s: float = 900) -> None:
     """``deepspeed --num_gpus ranks trace-ds ARGS`` (or one plain process), output to ``log``."""
-    bin_dir = Path(sys.executable).parent
-    trace_ds = str(bin_dir / "trace-ds")
-    if ranks > 1:
-        command = [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
-        command += [trace_ds, *args]
-    else:
-        command = [trace_ds, *args]
+    command = trace_ds_command(ranks, *args)
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **MALLOC_ENV, **env}
     with open(log, "w", encoding="utf-8") as sink:
