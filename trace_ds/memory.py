@@ -36,6 +36,13 @@ def host_peak() -> int:
     return _status_bytes("VmHWM")
 
 
+def lifetime_peak_rss_mib() -> float:
+    """This process's peak resident set since it started (ru_maxrss, which Linux reports in KiB), in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def reset_host_peak() -> None:
     """Make VmHWM start again from the current resident set (Linux >= 4.0)."""
     Path("/proc/self/clear_refs").write_text("5")

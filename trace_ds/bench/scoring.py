@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from trace_ds.memory import lifetime_peak_rss_mib
 
 ARMS = ("floor", "ghost", "per-pair", "reference-code")
 
@@ -65,10 +66,6 @@ def _pairs(n: int, tokens: int, vocab: int, seed: int, prefix: str) -> list[Any]
     return out
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
 def probe_gradient_file(settings: dict[str, Any]) -> Path:
     """Compute G once (ghost probe pass) and save it by parameter name; every arm scores against it."""
     from trace_ds.config import ScoreConfig
@@ -102,7 +99,7 @@ def run_arm(arm: str, settings: dict[str, Any]) -> dict[str, Any]:
     config = ScoreConfig(
         model="bench", triaged="bench", out="bench", micro_batch=settings["batch"], kernel="torch", beta=0.1
     )
-    rss_model = _rss_mb()
+    rss_model = lifetime_peak_rss_mib()
     store = ProbeGradient()
     if arm != "floor":  # G is part of every scorer's memory; the floor (a training step) does not need it
         saved = torch.load(Path(settings["workdir"]) / "probe_gradient.pt")
@@ -146,9 +143,9 @@ def run_arm(arm: str, settings: dict[str, Any]) -> dict[str, Any]:
         "arm": arm,
         "seconds": seconds,
         "pairs_per_s": len(pairs) / seconds,
-        "peak_rss_mb": _rss_mb(),
+        "peak_rss_mb": lifetime_peak_rss_mib(),
         "rss_after_model_load_mb": rss_model,
-        "peak_beyond_model_mb": _rss_mb() - rss_model,
+        "peak_beyond_model_mb": lifetime_peak_rss_mib() - rss_model,
         "scores": scores,
     }
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_ds.io import free_port
+from trace_ds.memory import lifetime_peak_rss_mib
 
 ARMS = ("trace-ds", "trl")
 
@@ -149,10 +150,6 @@ def _length_caps(settings: dict[str, Any]) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- one rank
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
 def _zero_stage(engine: Any) -> int | None:
     stage = getattr(engine, "zero_optimization_stage", None)
     return int(stage()) if callable(stage) else None
@@ -173,14 +170,14 @@ class _StepClock:
     def steps_begin(self) -> None:
         """Called once, just before the first step: the peak RSS of start-up (imports, models, engines)."""
         if not self.stamps and not self.rss_before_steps_mb:
-            self.rss_before_steps_mb = _rss_mb()
+            self.rss_before_steps_mb = lifetime_peak_rss_mib()
             self.started = time.perf_counter()
 
     def step_done(self, tokens: int, loss: float) -> None:
         self.stamps.append(time.perf_counter())
         self.tokens.append(int(tokens))
         self.losses.append(float(loss))
-        self.peak_rss_mb = _rss_mb()
+        self.peak_rss_mb = lifetime_peak_rss_mib()
 
     def result(self) -> dict[str, Any]:
         timed = len(self.stamps) - 1
@@ -357,7 +354,7 @@ def run_arm(arm: str, settings: dict[str, Any]) -> dict[str, Any]:
         "rank": rank,
         **clock.result(),
         "process_seconds": time.perf_counter() - started,
-        "peak_rss_mb_at_exit": _rss_mb(),
+        "peak_rss_mb_at_exit": lifetime_peak_rss_mib(),
     }
     write_json(Path(settings["run_dir"]) / f"rank{rank}.json", result)
     return result
