@@ -136,29 +136,6 @@ def run_load_benchmark(
 CATEGORY_CYCLE = ("inversion", "suppression", "retention")
 
 
-def exact_length_pairs(n: int, tokens: int, vocab: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` pre-tokenized pairs whose sequences are exactly ``tokens`` long (prompt half, response half),
-    cycling through inversion, suppression and retention, so every micro-batch has the planned shape."""
-    import random
-
-    rng = random.Random(seed)
-    prompt, response = tokens // 2, tokens - tokens // 2
-
-    def ids(k: int) -> list[int]:
-        return [rng.randrange(4, vocab) for _ in range(k)]
-
-    return [
-        {
-            "id": f"p{i}",
-            "prompt_input_ids": [1, *ids(prompt - 1)],
-            "chosen_input_ids": [*ids(response - 1), 2],
-            "rejected_input_ids": [*ids(response - 1), 2],
-            "category": CATEGORY_CYCLE[i % len(CATEGORY_CYCLE)],
-        }
-        for i in range(n)
-    ]
-
-
 def measure_stages(
     model_dir: str,
     workdir: Path,
@@ -179,7 +156,10 @@ def measure_stages(
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
     workdir.mkdir(parents=True, exist_ok=True)
     n_pairs = micro_batch * ranks * steps
-    pairs = exact_length_pairs(n_pairs, seq_len, vocab, seed=0)
+    from trace_ds.bench.train import make_pairs
+
+    # every sequence exactly seq_len tokens, inversion, suppression and retention in turn: the planned shape
+    pairs = make_pairs(n_pairs, seq_len, vocab, seed=0, jitter=0, categories=CATEGORY_CYCLE)
     triaged = workdir / "triaged.jsonl"
     write_jsonl(triaged, pairs)
     zero_section: dict[str, Any] = {"stage": zero}

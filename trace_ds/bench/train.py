@@ -117,25 +117,28 @@ def prepare_work(settings: dict[str, Any]) -> dict[str, str]:
     return paths
 
 
-def make_pairs(n: int, tokens: int, vocab: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` pre-tokenized inversion pairs: prompt and responses of about ``tokens / 2`` each (+-8), BOS first,
-    responses ending with EOS, ids drawn uniformly above the special ids."""
+def make_pairs(
+    n: int, tokens: int, vocab: int, seed: int, jitter: int = 8, categories: tuple[str, ...] = ("inversion",)
+) -> list[dict[str, Any]]:
+    """``n`` pre-tokenized pairs: a prompt of ``tokens // 2`` tokens and responses of the rest, each length
+    +-``jitter`` independently (0: exactly ``tokens`` per sequence); BOS first, responses ending with EOS,
+    ids drawn uniformly above the special ids; categories in turn from ``categories``."""
     rng = random.Random(seed)
     half = tokens // 2
 
     def ids(k: int) -> list[int]:
         return [rng.randrange(4, vocab) for _ in range(k)]
 
-    def length() -> int:
-        return max(half - 1 + rng.randint(-8, 8), 1)
+    def length(base: int) -> int:
+        return max(base - 1 + (rng.randint(-jitter, jitter) if jitter else 0), 1)
 
     return [
         {
             "id": f"p{i}",
-            "prompt_input_ids": [1, *ids(length())],
-            "chosen_input_ids": [*ids(length()), 2],
-            "rejected_input_ids": [*ids(length()), 2],
-            "category": "inversion",
+            "prompt_input_ids": [1, *ids(length(half))],
+            "chosen_input_ids": [*ids(length(tokens - half)), 2],
+            "rejected_input_ids": [*ids(length(tokens - half)), 2],
+            "category": categories[i % len(categories)],
         }
         for i in range(n)
     ]
