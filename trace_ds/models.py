@@ -34,10 +34,11 @@ def load_causal_lm(name: str, dtype: str = "float32") -> nn.Module:
 
     from trace_ds.partitioned import load_partitioned_causal_lm
 
+    zero3 = is_deepspeed_zero3_enabled()
     try:
-        model = load_partitioned_causal_lm(name, DTYPES[dtype]) if is_deepspeed_zero3_enabled() else None
+        model = load_partitioned_causal_lm(name, DTYPES[dtype]) if zero3 else None
         if model is None:
-            if is_deepspeed_zero3_enabled():
+            if zero3:
                 warnings.warn(
                     f"{name} is not a safetensors checkpoint: transformers' ZeRO-3 loader reads it whole on rank 0",
                     stacklevel=2,

@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -52,9 +52,8 @@ def safetensors_weight_map(name: str) -> dict[str, Path] | None:
     single = _resolve(name, SINGLE_FILE)
     if single is None:
         return None
-    reader = SafetensorsReader(single)
-    reader.close()
-    return dict.fromkeys(reader.header, single)
+    with open(single, "rb") as handle:
+        return dict.fromkeys(read_header(handle)[0], single)
 
 
 SAFETENSORS_DTYPES = {
@@ -63,6 +62,14 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }  # fmt: skip
 CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def read_header(handle: IO[bytes]) -> tuple[dict[str, Any], int]:
+    """A safetensors file's tensor table (name -> dtype, shape, data offsets) and where its data starts."""
+    header_size = int.from_bytes(handle.read(8), "little")
+    header = json.loads(handle.read(header_size))
+    header.pop("__metadata__", None)
+    return header, 8 + header_size
 
 
 class SafetensorsReader:
@@ -74,12 +81,8 @@ class SafetensorsReader:
 
     def __init__(self, path: Path):
         self.path = path
-        with open(path, "rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            self.header: dict[str, Any] = json.loads(handle.read(header_size))
-        self.header.pop("__metadata__", None)
-        self.data_start = 8 + header_size
         self.handle = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self.header, self.data_start = read_header(self.handle)
 
     def close(self) -> None:
         self.handle.close()
