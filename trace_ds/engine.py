@@ -54,6 +54,13 @@ CPU_ZERO3_CONFIG: dict[str, Any] = {
 }
 
 
+def cpu_ds_config(stage: int) -> dict[str, Any]:
+    """ds_configs/cpu.json (fp32, torch AdamW) at ZeRO ``stage``: as it is for 3, else with only the stage set.
+    The benchmarks compare stages with it."""
+    zero = dict(CPU_ZERO3_CONFIG["zero_optimization"]) if stage == 3 else {"stage": stage}
+    return {**CPU_ZERO3_CONFIG, "zero_optimization": zero}
+
+
 def _single_process_defaults() -> None:
     """Let a plain ``trace-ds train`` (no launcher) form a one-rank process group."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trace_ds.engine import CPU_ZERO3_CONFIG
+from trace_ds.engine import cpu_ds_config
 from trace_ds.io import TraceError, trace_ds_command, write_json
 from trace_ds.memory import MIB, REPORT_ENV, MemoryMeter
 
@@ -162,13 +162,8 @@ def measure_stages(
     pairs = make_pairs(n_pairs, seq_len, vocab, seed=0, jitter=0, categories=CATEGORY_CYCLE)
     triaged = workdir / "triaged.jsonl"
     write_jsonl(triaged, pairs)
-    zero_section: dict[str, Any] = {"stage": zero}
-    if zero == 3:
-        zero_section.update(
-            stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True
-        )
     ds_config = workdir / f"ds_zero{zero}.json"
-    write_json(ds_config, {**CPU_ZERO3_CONFIG, "zero_optimization": zero_section})
+    write_json(ds_config, cpu_ds_config(zero))
     report = workdir / "memory.jsonl"
     report.unlink(missing_ok=True)
     caps = ["--max-length", str(seq_len), "--max-prompt-length", str(seq_len // 2)]
@@ -270,8 +265,7 @@ def run_memory_benchmark(settings: dict[str, Any], out: str | None = None) -> di
 
 def _zero3_config(workdir: Path) -> str:
     path = workdir / "ds_zero3_load.json"
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
-    write_json(path, {**CPU_ZERO3_CONFIG, "zero_optimization": zero})
+    write_json(path, cpu_ds_config(3))
     return str(path)
 
 

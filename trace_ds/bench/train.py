@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trace_ds.engine import cpu_ds_config
 from trace_ds.io import free_port
 from trace_ds.memory import lifetime_peak_rss_mib
 
@@ -59,25 +60,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 
 # ds_configs/cpu.json (ZeRO-3, fp32) is the reference; stage 0 is trace-ds's built-in default and stage 2 is
-# the same CPU config at stage 2. The "auto" batch fields are filled in the same way by both trainers.
-_DS_BASE: dict[str, Any] = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": 1.0,
-    "bf16": {"enabled": False},
-    "fp16": {"enabled": False},
-    "zero_allow_untested_optimizer": True,
-    "wall_clock_breakdown": False,
-}
-_ZERO: dict[int, dict[str, Any]] = {
-    0: {"stage": 0},
-    2: {"stage": 2},
-    3: {
-        "stage": 3,
-        "stage3_param_persistence_threshold": 0,
-        "stage3_gather_16bit_weights_on_model_save": True,
-    },
-}
+# the same CPU config at stage 2 (engine.cpu_ds_config). The "auto" batch fields are filled in the same way
+# by both trainers.
+DS_STAGES = (0, 2, 3)
 
 
 # ---------------------------------------------------------------------------------------------- the work
@@ -110,9 +95,9 @@ def prepare_work(settings: dict[str, Any]) -> dict[str, str]:
         "triaged": str(work / "triaged.jsonl"),
         "scores": str(work / "scores.jsonl"),
     }
-    for stage, zero in _ZERO.items():
+    for stage in DS_STAGES:
         path = work / f"ds_zero{stage}.json"
-        write_json(path, {**_DS_BASE, "zero_optimization": zero})
+        write_json(path, cpu_ds_config(stage))
         paths[f"ds_zero{stage}"] = str(path)
     return paths
 
