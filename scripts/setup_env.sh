@@ -20,7 +20,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 
 stamp="$VENV/.trace-ds-installed"
-want="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat setup.cfg setup.py pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing trace-ds and its dependencies into $VENV" >&2
   "${PIP[@]}" install setuptools wheel
