@@ -170,3 +170,83 @@ def test_already_triaged_input_is_refused() -> None:
     triaged = Pair("a", "text", "Q", "A", "B", extra={"category": "retention"})
     with pytest.raises(BadRecord, match="already triaged"):
         triage([triaged], {"a": Verdict("a", False, False)})
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"id": "a", "chosen_violation": True, "rejected_violates": False}, "did you mean 'chosen_violates'"),
+        (
+            {"id": "a", "chosen_violates": True, "rejected_violated": False},
+            "did you mean 'rejected_violates'",
+        ),
+        ({"id": "a", "chosen_violates": True, "chosen_confidense": 0.5}, "did you mean 'chosen_confidence'"),
+        (
+            {"id": "a", "rationale": "no verdict keys at all"},
+            "neither 'chosen_violates' nor 'rejected_violates'",
+        ),
+    ],
+)
+def test_misspelt_or_missing_verdict_keys_are_bad_records(tmp_path: Path, record: dict, message: str) -> None:
+    path = tmp_path / "v.jsonl"
+    write_jsonl(path, [{"id": "ok", "chosen_violates": False}, record])
+    with pytest.raises(BadRecord, match=rf"{path}:2: .*{message}"):
+        read_verdicts(path)
+
+
+def test_extra_verdict_fields_are_kept() -> None:
+    from trace_ds.judge.verdicts import verdict_from_record
+
+    record = {
+        "id": "a",
+        "chosen_violates": True,
+        "rejected_violates": None,
+        "judge": "j",
+        "confidence_note": "x",
+    }
+    verdict = verdict_from_record(record, None)
+    assert verdict.extra == {"judge": "j", "confidence_note": "x"}
+    assert verdict.to_record()["confidence_note"] == "x"
+
+
+def test_a_run_that_judges_nothing_fails_unless_unjudged_only(tmp_path: Path) -> None:
+    pairs_path, verdicts_path, out = tmp_path / "pairs.jsonl", tmp_path / "v.jsonl", tmp_path / "t.jsonl"
+    write_jsonl(pairs_path, [{"id": "a", "prompt": "Q", "chosen": "A", "rejected": "B"}])
+    write_jsonl(verdicts_path, [{"id": "zzz", "chosen_violates": True, "rejected_violates": False}])
+    with pytest.raises(
+        TraceError, match=r"no pair was judged: 1 pairs.*1 of 1 verdicts name ids.*--unjudged-only"
+    ):
+        run_triage(str(pairs_path), str(verdicts_path), str(out))
+    assert not any(tmp_path.glob("t*"))
+    report = run_triage(str(pairs_path), str(verdicts_path), str(out), unjudged_only=True)
+    assert report["judged"] == 0 and report["outputs"]["triaged"] is None and not out.exists()
+    assert [json.loads(line)["id"] for line in output_paths(out)["unjudged"].read_text().splitlines()] == [
+        "a"
+    ]
+
+
+def test_triage_cli_refuses_misspelt_verdict_keys(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from trace_ds.cli import main
+
+    pairs_path, verdicts_path = tmp_path / "pairs.jsonl", tmp_path / "v.jsonl"
+    write_jsonl(
+        pairs_path, [{"id": f"p{i}", "prompt": "Q", "chosen": "A", "rejected": "B"} for i in range(3)]
+    )
+    write_jsonl(verdicts_path, [{"id": f"p{i}", "chosen_violation": True} for i in range(3)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "triage",
+            "--pairs",
+            str(pairs_path),
+            "--verdicts",
+            str(verdicts_path),
+            "--out",
+            str(tmp_path / "t.jsonl"),
+        ],
+    )
+    assert result.exit_code != 0
+    assert f"{verdicts_path}:1" in result.output and "did you mean 'chosen_violates'" in result.output
+    assert not (tmp_path / "t.jsonl").exists()

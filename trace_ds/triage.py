@@ -165,13 +165,18 @@ def run_triage(
     noise: float = 0.0,
     seed: int = 0,
     split: str | None = None,
+    unjudged_only: bool = False,
 ) -> dict[str, Any]:
-    """Read, triage and write every output atomically; nothing is written when an input is bad."""
+    """Read, triage and write every output atomically; nothing is written when an input is bad, nor when no
+    pair is judged (an empty triaged file trains nothing), unless ``unjudged_only`` asks for just the
+    unjudged file and the report."""
     if not 0.0 <= min_confidence <= 1.0:
         raise TraceError(f"--min-confidence {min_confidence}: must be in [0, 1]")
     pair_set = read_pairs(pairs_source, columns, on_bad, split=split)
     verdict_set = read_verdicts(verdicts_path)
     result = triage(pair_set.pairs, verdict_set.by_id, min_confidence, noise, seed)
+    if not result.records and not unjudged_only:
+        raise TraceError(_nothing_judged(result.report, verdicts_path))
     paths = output_paths(out)
     rejects_file = write_rejects(out, pair_set.rejects)
     report = {
@@ -186,6 +191,24 @@ def run_triage(
         },
     }
     write_jsonl(paths["unjudged"], result.unjudged)
-    write_jsonl(paths["triaged"], result.records)
+    if unjudged_only:
+        report["outputs"]["triaged"] = None
+    else:
+        write_jsonl(paths["triaged"], result.records)
     write_json(paths["report"], report)
     return report
+
+
+def _nothing_judged(report: dict[str, Any], verdicts_path: str) -> str:
+    reasons = ", ".join(f"{count} {reason}" for reason, count in report["unjudged_reasons"].items())
+    unknown = report["verdicts_for_unknown_ids"]
+    hint = (
+        f"; {unknown} of {report['verdicts']} verdicts name ids that are not in the pairs (do the ids match?)"
+        if unknown
+        else ""
+    )
+    return (
+        f"no pair was judged: {report['pairs']} pairs, all unjudged ({reasons or 'no pairs'}){hint}. "
+        f"Check {verdicts_path} against docs/formats.md (verdicts), or pass --unjudged-only to write just "
+        "the unjudged pairs and the report"
+    )

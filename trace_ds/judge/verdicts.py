@@ -7,6 +7,7 @@ the pair is still judged (see trace_ds.triage).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 from trace_ds.io import BadRecord, Position, TraceError, iter_jsonl
 
 SIDES = ("chosen", "rejected")
+VIOLATION_KEYS = tuple(f"{side}_violates" for side in SIDES)
+VERDICT_KEYS = (*VIOLATION_KEYS, *(f"{side}_confidence" for side in SIDES), "confidence")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ def verdict_from_record(record: Any, position: Position | None) -> Verdict:
     if not isinstance(record, dict):
         raise BadRecord(position, f"expected a JSON object, got {type(record).__name__}")
     record = dict(record)
+    _check_keys(record, position)
     raw_id = record.pop("id", None)
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
         raise BadRecord(position, "verdict needs a string or integer 'id'")
@@ -71,6 +75,24 @@ def verdict_from_record(record: Any, position: Position | None) -> Verdict:
         own = _confidence(record.pop(f"{side}_confidence", None), f"{side}_confidence", position)
         values[f"{side}_confidence"] = own if own is not None else shared
     return Verdict(str(raw_id), extra=record, **values)
+
+
+def _check_keys(record: dict[str, Any], position: Position | None) -> None:
+    """A misspelt verdict key would read as 'unknown' and leave the pair unjudged without a word: a key close
+    to a verdict key is an error with the fix, and so is a record with neither violation key. Other extra
+    fields (rationale, judge, ...) are kept."""
+    for key in record:
+        if key == "id" or any(name in str(key) for name in VERDICT_KEYS):  # exact, or an extension
+            continue
+        close = difflib.get_close_matches(str(key), VERDICT_KEYS, n=1, cutoff=0.8)
+        if close:
+            raise BadRecord(position, f"unknown key {key!r}; did you mean {close[0]!r}?")
+    if not any(key in record for key in VIOLATION_KEYS):
+        raise BadRecord(
+            position,
+            f"no verdict: the record has neither {VIOLATION_KEYS[0]!r} nor {VIOLATION_KEYS[1]!r} "
+            f"(keys: {sorted(record)}); an unknown side is written as null (docs/formats.md)",
+        )
 
 
 def _confidence(value: Any, name: str, position: Position | None) -> float | None:
