@@ -56,8 +56,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     )
     losses: list[float] = []
     started = time.perf_counter()
-    with progress() as bar:
-        task = bar.add_task("sft", total=steps, rate="")
+    with progress("sft", total=steps, unit="step") as bar:
         for _ in range(config.epochs):
             order = list(range(len(examples)))
             rng.shuffle(order)
@@ -75,7 +74,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
                 optimizer.step()
                 scheduler.step()
                 losses.append(float(loss.detach()))
-                bar.update(task, advance=1, rate=f"loss {losses[-1]:.3f}")
+                bar.update(advance=1, loss=losses[-1])
     model.eval()
     out = Path(config.out)
     model.save_pretrained(str(out))
