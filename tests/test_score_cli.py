@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from trace_ds.cli import main
-from trace_ds.io import write_jsonl
+from trace_ds.io import TraceError, write_jsonl
+from trace_ds.scoring.scorer import Scored, normalize_weights
 from trace_ds.synth.generator import build_benchmark
 from trace_ds.triage import run_triage
 
@@ -87,8 +88,100 @@ def test_score_outputs_probe_round_trip_and_holdout(
     assert (
         CliRunner().invoke(main, score_args(tiny_model_dir, triaged, held, "--probe-holdout")).exit_code == 0
     )
-    sources = {p["probe_source_id"] for p in probe}
-    assert {s["id"] for s in lines(held)} == set(conflict) - sources
+    check_holdout_scores(held, triaged, {p["probe_source_id"] for p in probe})
+
+
+def check_holdout_scores(held: Path, triaged: Path, sources: set[str]) -> list[dict]:
+    """A --probe-holdout scores file: a line for every conflict pair, in input order; the held-out ones
+    unscored (raw_score null, marked probe_holdout) with their category's mean weight."""
+    conflict = [r["id"] for r in lines(triaged) if r["category"] != "retention"]
+    scores = lines(held)
+    assert [s["id"] for s in scores] == conflict
+    held_out = [s for s in scores if s.get("probe_holdout")]
+    assert {s["id"] for s in held_out} == sources & set(conflict) and held_out
+    for s in scores:
+        assert (s["raw_score"] is None) == (s["id"] in sources)
+        assert s.get("probe_holdout", False) == (s["id"] in sources)
+    for category in ("inversion", "suppression"):
+        scored = [s["weight"] for s in scores if s["category"] == category and s["raw_score"] is not None]
+        mean = sum(scored) / len(scored)
+        assert mean == pytest.approx(1.0 if any(scored) else 0.0)  # per-category normalisation kept
+        for s in held_out:
+            if s["category"] == category:
+                assert s["weight"] == pytest.approx(mean)
+    meta = json.loads(held.with_name(f"{held.stem}.meta.json").read_text())
+    assert meta["probe_holdout"] is True and meta["probe_holdout_pairs"] == len(held_out)
+    assert meta["scored_pairs"] == len(conflict) - len(held_out)
+    return scores
+
+
+def test_probe_holdout_pairs_take_their_category_mean_weight() -> None:
+    def scored() -> list[Scored]:
+        return [
+            Scored("a", "inversion", 2.0),
+            Scored("b", "inversion", -1.0),
+            Scored("h", "inversion", None, probe_holdout=True),
+            Scored("c", "inversion", 4.0),
+            Scored("d", "suppression", 1e-6),
+            Scored("g", "suppression", None, probe_holdout=True),
+        ]
+
+    per_category = scored()
+    normalize_weights(per_category, "per-category", allow_empty=False)
+    assert [s.weight for s in per_category] == pytest.approx([1.0, 0.0, 1.0, 2.0, 1.0, 1.0])
+    joint = scored()
+    normalize_weights(joint, "joint", allow_empty=False)
+    assert sum(s.weight for s in joint) == pytest.approx(1.0)  # the sum covers the held-out pairs too
+    assert joint[2].weight == pytest.approx((joint[0].weight + joint[1].weight + joint[3].weight) / 3)
+    assert joint[5].weight == pytest.approx(joint[4].weight)
+    assert [record.record() for record in joint[2:4]] == [
+        {
+            "id": "h",
+            "category": "inversion",
+            "raw_score": None,
+            "weight": joint[2].weight,
+            "probe_holdout": True,
+        },
+        {"id": "c", "category": "inversion", "raw_score": 4.0, "weight": joint[3].weight},
+    ]
+
+    nothing_positive = [Scored("a", "inversion", -1.0), Scored("h", "inversion", None, probe_holdout=True)]
+    normalize_weights(nothing_positive, "per-category", allow_empty=True)
+    assert [s.weight for s in nothing_positive] == [0.0, 0.0]
+    with pytest.raises(TraceError, match="holds out every suppression pair"):
+        normalize_weights(
+            [Scored("a", "inversion", 1.0), Scored("h", "suppression", None, probe_holdout=True)],
+            "per-category",
+            allow_empty=False,
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_probe_holdout_scores_train_every_pair(tiny_model_dir: Path, triaged: Path, tmp_path: Path) -> None:
+    """`score --probe-holdout` then `train` on the same triaged file: no missing score, every pair trains."""
+    held = tmp_path / "held.jsonl"
+    result = CliRunner().invoke(main, score_args(tiny_model_dir, triaged, held, "--probe-holdout"))
+    assert result.exit_code == 0, result.output
+    sources = {p["probe_source_id"] for p in lines(tmp_path / "held.probe.jsonl")}
+    scores = check_holdout_scores(held, triaged, sources)
+    weights = {s["id"]: s["weight"] for s in scores}
+    records = lines(triaged)
+    trainable = [r["id"] for r in records if r["category"] == "retention" or weights[r["id"]] > 0]
+    assert any(weights[i] > 0 for i in sources if i in weights)  # held-out pairs are among those trained
+
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "trace_ds.cli", "train", "--model", str(tiny_model_dir), "--triaged", str(triaged),
+        "--scores", str(held), "--out", str(out), "--micro-batch", "5", "--max-length", "160",
+        "--max-prompt-length", "64", "--lr", "1e-4",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=os.environ.copy(), capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = lines(out / "metrics.jsonl")
+    assert {m["epoch"] for m in metrics} == {0}
+    assert sum(m["pairs"] for m in metrics) == len(trainable)  # one epoch: every trainable pair once
+    assert len(metrics) == -(-len(trainable) // 5)
 
 
 def test_bad_options_fail_before_loading_anything(

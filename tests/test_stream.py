@@ -11,6 +11,7 @@ import pytest
 
 from trace_ds.data.stream import PairStream, TrainRecord, load_weights
 from trace_ds.io import BadRecord, TraceError, write_jsonl
+from trace_ds.train import StepData, ceil_div
 
 CATEGORIES = ("inversion", "suppression", "retention")
 
@@ -328,3 +329,111 @@ def test_count_eligible_leaves_the_state_alone(data) -> None:
     assert total == len(eligible_ids(records, weights))
     assert stream.state_dict() == before
     assert 1 + len(list(iterator)) == stream.counts()["yielded"] == (total + 1) // 2
+
+
+def run_steps(
+    source: Path,
+    weights: dict[str, float],
+    world: int,
+    per_step: int,
+    epochs: int | None,
+    steps: int | None = None,
+) -> list[dict]:
+    """The trainer's data side for every rank of a world, step by step (``trace_ds.train.StepData``): per step
+    the ids each rank took, the epoch, and each rank's ``epoch_done`` afterwards. Ends when every rank is out
+    of data (``epochs``) or after ``steps`` steps."""
+    ranks = [
+        StepData(
+            {"all": PairStream(source, weights, rank=r, world_size=world, buffer_size=4, seed=3)}, epochs
+        )
+        for r in range(world)
+    ]
+    out: list[dict] = []
+    while steps is None or len(out) < steps:
+        taken = [ids(data.take(per_step)) for data in ranks]
+        if not any(taken):
+            break
+        out.append(
+            {
+                "ids": taken,
+                "epoch": [data.epoch() for data in ranks],
+                "done": [data.streams["all"].epoch_done() for data in ranks],
+                "states": [json.loads(json.dumps(data.state_dict())) for data in ranks],
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("per_step", [3, 4, 5, 7])  # 44 eligible pairs: short last steps, 4 at world 1 exact
+def test_an_epoch_trains_each_pair_exactly_once_and_steps_never_cross_epochs(
+    data, world: int, per_step: int
+) -> None:
+    source, weights, records = data
+    eligible = eligible_ids(records, weights)
+    n = len(eligible)
+    steps_per_epoch = ceil_div(ceil_div(n, world), per_step)  # what Trainer._total_steps counts per epoch
+    for epochs in (1, 2):
+        steps = run_steps(source, weights, world, per_step, epochs)
+        assert len(steps) == epochs * steps_per_epoch
+        for index, step in enumerate(steps):
+            # every rank agrees on the epoch and on whether it is over, after every step: no communication
+            assert len(set(step["epoch"])) == 1 and len(set(step["done"])) == 1
+            assert step["done"][0] == ((index + 1) % steps_per_epoch == 0)
+            assert all(state == step["states"][0] for state in step["states"])  # rank 0's state restores all
+            assert all(len(taken) <= per_step for taken in step["ids"])
+            last = (index + 1) % steps_per_epoch == 0
+            assert last or all(len(taken) == per_step for taken in step["ids"])
+        for epoch in range(epochs):
+            trained = [
+                pair
+                for step in steps
+                if step["epoch"][0] == epoch
+                for pair in itertools.chain.from_iterable(step["ids"])
+            ]
+            assert sorted(trained) == sorted(eligible)  # each pair exactly once per epoch
+        counts = {pair: 0 for pair in eligible}
+        for step in steps:
+            for pair in itertools.chain.from_iterable(step["ids"]):
+                counts[pair] += 1
+        assert set(counts.values()) == {epochs}
+    # the epoch's last global step is short, and the next epoch starts full
+    two = run_steps(source, weights, world, per_step, 2)
+    assert sum(map(len, two[steps_per_epoch - 1]["ids"])) == n - (steps_per_epoch - 1) * world * per_step
+    assert sum(map(len, two[steps_per_epoch]["ids"])) == min(n, world * per_step)
+
+
+def test_max_steps_cycles_epochs_with_a_short_step_at_each_end(data) -> None:
+    source, weights, records = data
+    n = len(eligible_ids(records, weights))
+    steps = run_steps(source, weights, 2, 4, None, steps=3 * ceil_div(ceil_div(n, 2), 4))
+    epochs = [step["epoch"][0] for step in steps]
+    assert sorted(set(epochs)) == [0, 1, 2] and epochs == sorted(epochs)
+    for epoch in range(3):
+        trained = [
+            p for s in steps if s["epoch"][0] == epoch for p in itertools.chain.from_iterable(s["ids"])
+        ]
+        assert sorted(trained) == sorted(eligible_ids(records, weights))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_step_data_resumes_exactly_at_and_around_the_epoch_end(data, world: int) -> None:
+    """Restoring each rank from the state saved after any step (the last step of an epoch included) gives the
+    rest of the uninterrupted run."""
+    source, weights, _ = data
+    per_step = 5
+    full = run_steps(source, weights, world, per_step, 2)
+    for cut in range(1, len(full)):
+        resumed = []
+        for r in range(world):
+            stream = PairStream(source, weights, rank=r, world_size=world, buffer_size=4, seed=3)
+            step_data = StepData({"all": stream}, 2)
+            step_data.load_state_dict(full[cut - 1]["states"][r])
+            resumed.append(step_data)
+        rest = []
+        while True:
+            taken = [ids(d.take(per_step)) for d in resumed]
+            if not any(taken):
+                break
+            rest.append((taken, [d.epoch() for d in resumed]))
+        assert rest == [(step["ids"], step["epoch"]) for step in full[cut:]], cut

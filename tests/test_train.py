@@ -169,6 +169,34 @@ def test_killed_run_resumes_bitwise_across_an_epoch_boundary(
     assert {m["epoch"] for m in want} == {0, 1}
 
 
+def test_an_epoch_trains_each_pair_once_with_a_short_last_step(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """64 pairs, 6 per step (micro-batch 3 x accumulation 2): each epoch is 10 full steps and a step of 4
+    pairs, never filled from the next epoch; the step loss divides by the pairs the step really has."""
+    out = tmp_path / "run"
+    extra = ("--epochs", "2", "--micro-batch", "3", "--grad-accum", "2")
+    result = run(train_command(tiny_model_dir, data, out, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_lines(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 23))
+    assert [m["epoch"] for m in metrics] == [0] * 11 + [1] * 11
+    assert [m["pairs"] for m in metrics] == ([6] * 10 + [4]) * 2
+    for epoch in (0, 1):
+        assert sum(m["pairs"] for m in metrics if m["epoch"] == epoch) == 64  # each pair exactly once
+
+    def total(m: dict, loss: str, count: str) -> float:
+        return (m[loss] or 0.0) * m[count]
+
+    for m in metrics:  # uniform weights, alpha_kl 1: the loss is the plain mean over the step's pairs
+        summed = (
+            total(m, "loss_inversion", "pairs_inversion")
+            + total(m, "loss_suppression", "pairs_suppression")
+            + total(m, "kl_retention", "pairs_retention")
+        )
+        assert m["loss"] == pytest.approx(summed / m["pairs"], rel=1e-5), m["step"]
+
+
 def test_sigterm_writes_a_checkpoint_and_resume_finishes(
     tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -76,6 +76,8 @@ def test_zero3_uneven_shards_do_not_hang_and_match_one_process(tiny_model_dir: P
         "32",
         "--alpha-kl",
         "5",
+        "--epochs",
+        "2",  # the epoch boundary after a short step: rank 1 runs a dummy, then both start epoch 1 together
     ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TRACE_DS_DIST_TIMEOUT_S": "90"}
 
@@ -108,12 +110,16 @@ def test_zero3_uneven_shards_do_not_hang_and_match_one_process(tiny_model_dir: P
     assert result.returncode == 0, result.stderr[-3000:]
 
     a, b = read_lines(one / "metrics.jsonl"), read_lines(two / "metrics.jsonl")
-    assert [m["pairs"] for m in b] == [4, 4, 1]  # the last step: one pair on rank 0, a dummy on rank 1
+    # each epoch's last step: one pair on rank 0, a dummy on rank 1; epoch 1 never fills epoch 0's last step
+    assert [m["pairs"] for m in b] == [4, 4, 1] * 2
+    assert [m["epoch"] for m in b] == [m["epoch"] for m in a] == [0, 0, 0, 1, 1, 1]
     for key in ("loss", "loss_inversion", "loss_suppression", "kl_retention"):
         for x, y in zip(a, b, strict=True):
             assert (x[key] is None) == (y[key] is None)
             if x[key] is not None:
-                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), (key, x["step"])
+                # abs: near its minimum an IPO loss (delta - 1/(2 beta))^2 is a squared small difference, so the
+                # fp32 summation-order noise of delta (~1e-6 relative after a few Adam steps) shows up ~100x there
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (key, x["step"])
     import json
 
     export = json.loads((two / "final" / "export.json").read_text())  # consolidated from ZeRO-3 and verified

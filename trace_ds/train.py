@@ -7,6 +7,7 @@ and every rank makes the same number of optimizer steps. Routing is by masks ins
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -144,11 +145,21 @@ def summarise_stats(stats: torch.Tensor) -> dict[str, float | None]:
 
 
 class StepData:
-    """Pulls this rank's records for each optimizer step, across epoch boundaries.
+    """Pulls this rank's records for each optimizer step.
+
+    One stream (the default): a step never crosses an epoch boundary, so an epoch trains each pair exactly
+    once. The last step of an epoch holds what is left of it (a short step; a rank with nothing left runs a
+    zero-weight dummy, and the loss is divided by the pairs the step really has), and the next epoch starts
+    with the next step. Whether the epoch is over is read from the stream's state
+    (:meth:`PairStream.epoch_done`), which is the same on every rank after every step, so all ranks switch
+    epochs at the same step without communicating. ``epochs`` ends the data after that many epochs (None:
+    no limit, the run is bounded by --max-steps; its epochs end with a short step all the same).
 
     With ``proportions`` (per-category batching, the paper's Algorithm 1) each category has its own stream,
     each step draws its pairs per category in those proportions, and every stream cycles through epochs on
-    its own (so the run is bounded by --max-steps)."""
+    its own (so the run is bounded by --max-steps): a category whose epoch runs out mid-step fills its share
+    from its next epoch, so the shares hold at every step. Each category stream still gives each of its pairs
+    once per epoch of its own."""
 
     def __init__(
         self, streams: dict[str, PairStream], epochs: int | None, proportions: dict[str, float] | None = None
@@ -163,13 +174,26 @@ class StepData:
 
     def take(self, count: int) -> list[TrainRecord]:
         if self.proportions is None:
-            return self._take("all", count)
+            return self._take_within_epoch("all", count)
         records: list[TrainRecord] = []
         for name, share in split_counts(count, self.proportions).items():
-            records += self._take(name, share)
+            records += self._take_cycling(name, share)
         return records
 
-    def _take(self, name: str, count: int) -> list[TrainRecord]:
+    def _take_within_epoch(self, name: str, count: int) -> list[TrainRecord]:
+        """Up to ``count`` records of the current epoch; the next epoch starts only at the next step."""
+        stream = self.streams[name]
+        if stream.epoch_done():
+            if self.epochs is not None and stream.epoch() + 1 >= self.epochs:
+                return []
+            stream.next_epoch()
+            self._its[name] = None
+        if self._its[name] is None:
+            self._its[name] = iter(stream)
+        # islice asks for at most `count` items: one more `next` would advance the stream into the next round
+        return list(itertools.islice(self._its[name], count))  # type: ignore[arg-type]
+
+    def _take_cycling(self, name: str, count: int) -> list[TrainRecord]:
         stream = self.streams[name]
         records: list[TrainRecord] = []
         while len(records) < count:
@@ -257,7 +281,7 @@ class Trainer:
         }  # fmt: skip
         self.stream = streams[names[0]]
         proportions = dict(cfg.category_proportions) if cfg.category_proportions else None
-        self.data = StepData(streams, cfg.epochs if cfg.max_steps is None else None, proportions)
+        self.data = StepData(streams, None if cfg.max_steps is not None else cfg.epochs or 1, proportions)
         if proportions:
             empty = [
                 name
@@ -294,8 +318,9 @@ class Trainer:
         eligible = self.stream.count_eligible()
         if eligible == 0:
             raise TraceError(f"{cfg.triaged}: no pair to train on (every conflict pair has weight 0?)")
+        # Every epoch ends with its own (possibly short) step; rank 0's share is the largest.
         per_rank = ceil_div(eligible, self.strategy.world_size)
-        return ceil_div(per_rank * (cfg.epochs or 1), cfg.micro_batch * cfg.grad_accum)
+        return (cfg.epochs or 1) * ceil_div(per_rank, cfg.micro_batch * cfg.grad_accum)
 
     def _precompute(self) -> dict[str, tuple[float, float]]:
         """Reference log-probs of every trainable pair, computed once (sharded) and cached in the run folder.
@@ -382,10 +407,12 @@ class Trainer:
         per_step = cfg.micro_batch * cfg.grad_accum
         dummy: list[TrainRecord] | None = None
         try:
-            with progress() as bar, open(metrics_path, "a", encoding="utf-8") as metrics_file:
-                task = bar.add_task(
-                    "training", total=self.total_steps, completed=self.step, rate="", visible=strategy.is_main
-                )
+            with (
+                progress(
+                    "training", self.total_steps, completed=self.step, unit="step", visible=strategy.is_main
+                ) as bar,
+                open(metrics_path, "a", encoding="utf-8") as metrics_file,
+            ):
                 while self.step < self.total_steps:
                     started = time.perf_counter()
                     records = self.data.take(per_step)
@@ -395,6 +422,10 @@ class Trainer:
                         torch.tensor([float(len(records))], dtype=torch.float64)
                     )
                     if pairs_in_step.item() == 0:
+                        if self.data.epochs is None:  # cycling epochs (--max-steps): an epoch had no pair
+                            raise TraceError(
+                                f"{cfg.triaged}: no pair to train on (every conflict pair has weight 0?)"
+                            )
                         break  # every rank is out of data
                     if dummy is None:  # this rank never had data: borrow any pair as a zero-weight dummy
                         dummy = self._any_dummy()
@@ -414,9 +445,7 @@ class Trainer:
                         if cfg.tensorboard:
                             self._tensorboard(line)
                     bar.update(
-                        task,
-                        completed=self.step,
-                        rate=f"{line['tokens_per_s']:.0f} tok/s loss {line['loss']:.4g}",
+                        completed=self.step, loss=line["loss"], note=f"{line['tokens_per_s']:.0f} tok/s"
                     )
                     stop = strategy.all_reduce_max(1.0 if self.stop_requested else 0.0) > 0
                     new_best = bool(

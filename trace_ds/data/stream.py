@@ -138,6 +138,16 @@ class PairStream:
         """Advance to the next epoch: new shuffle order, position back to the start of the source."""
         self._start_epoch(self._epoch + 1)
 
+    def epoch_done(self) -> bool:
+        """Whether every global item of this epoch has been emitted (the source read to its end, the buffer empty).
+
+        Emitting the epoch's last item leaves the stream in that state at once (the buffer drains only after
+        the source is exhausted), so no further read is needed to know. The trainer relies on this being the
+        same on every rank after each step: a rank that took a full step ends its step at the end of a round,
+        and a rank that ran out has emitted everything (see ``StepData`` in ``trace_ds/train.py``).
+        """
+        return self._exhausted and not self._buffer
+
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot; the same on every rank once all have yielded equally many items."""
         version, internal, gauss = self._rng.getstate()

@@ -36,8 +36,21 @@ CONFLICT = ("inversion", "suppression", "unlearning")  # unlearning: the w/o-tri
 class Scored:
     id: str
     category: str
-    raw_score: float
+    raw_score: float | None  # None for a --probe-holdout pair: not scored (its own score would be biased)
     weight: float = 0.0
+    probe_holdout: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """The scores-file line; a held-out pair is marked ``"probe_holdout": true``."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "category": self.category,
+            "raw_score": self.raw_score,
+            "weight": self.weight,
+        }
+        if self.probe_holdout:
+            out["probe_holdout"] = True
+        return out
 
 
 def batch_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +143,26 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
 
 def normalize_weights(scored: list[Scored], mode: str, allow_empty: bool) -> None:
-    """max(0, raw), then mean 1 within each conflict category (default) or sum 1 over all (joint, the paper)."""
+    """max(0, raw), then mean 1 within each conflict category (default) or sum 1 over all (joint, the paper).
+
+    A ``--probe-holdout`` pair (``raw_score`` None) counts as the mean clamped score of the scored pairs of its
+    category, so it gets that category's mean weight (1 per-category) and the normalisation covers every pair.
+    """
+    mean_clamped: dict[str, float] = {}
+    for category in CONFLICT:
+        values = [max(0.0, s.raw_score) for s in scored if s.category == category and s.raw_score is not None]
+        if values:
+            mean_clamped[category] = math.fsum(values) / len(values)
+    for s in scored:
+        if s.raw_score is None and s.category not in mean_clamped:
+            raise TraceError(
+                f"--probe-holdout holds out every {s.category} pair, so none is left to score and the held-out "
+                "ones have no category mean to take; lower --probe-size or pass a curated --probe file"
+            )
+
+    def clamped_value(s: Scored) -> float:
+        return mean_clamped[s.category] if s.raw_score is None else max(0.0, s.raw_score)
+
     groups = (
         {c: [s for s in scored if s.category == c] for c in CONFLICT}
         if mode == "per-category"
@@ -139,7 +171,7 @@ def normalize_weights(scored: list[Scored], mode: str, allow_empty: bool) -> Non
     for name, group in groups.items():
         if not group:
             continue
-        clamped = [max(0.0, s.raw_score) for s in group]
+        clamped = [clamped_value(s) for s in group]
         total = math.fsum(clamped)
         if total <= 0.0:
             if not allow_empty:
@@ -215,11 +247,16 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
     built = config.probe is None
     probe = build_probe(pairs, config.probe_size, config.seed) if built else read_pairs(config.probe).pairs
     held_out = probe_source_ids(probe) if config.probe_holdout else set()
-    targets = [
-        (p, c) for p, c in zip(pairs, categories, strict=True) if c in CONFLICT and p.id not in held_out
-    ]
+    conflict = [(p, c) for p, c in zip(pairs, categories, strict=True) if c in CONFLICT]
+    targets = [(p, c) for p, c in conflict if p.id not in held_out]
     if not targets:
         raise TraceError(f"{config.triaged}: no conflict pair (inversion, suppression) to score")
+    emptied = sorted({c for _, c in conflict} - {c for _, c in targets})
+    if emptied:  # a held-out pair takes its category's mean weight: it needs scored pairs of that category
+        raise TraceError(
+            f"--probe-holdout holds out every {' and '.join(emptied)} pair of {config.triaged}, leaving none to "
+            "score; lower --probe-size or pass a curated --probe file"
+        )
 
     needs_tokenizer = any(p.shape != "tokenized" for p in pairs + probe)
     tokenizer = load_tokenizer(config.model, required=needs_tokenizer)
@@ -257,10 +294,10 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
         write_jsonl(paths["partial"], [{"settings": fingerprint}])
     t0 = time.perf_counter()
     steps = strategy.shard(todo, config.micro_batch)
-    with _partial_sink(paths["partial"], strategy.is_main) as sink, progress() as bar:
-        task = bar.add_task(
-            "scoring", total=len(targets), completed=len(done), rate="", visible=strategy.is_main
-        )
+    with (
+        _partial_sink(paths["partial"], strategy.is_main) as sink,
+        progress("scoring", len(targets), completed=len(done), unit="pair", visible=strategy.is_main) as bar,
+    ):
         mine: list[tuple[str, float]] = []
         for count, chunk in enumerate(steps, start=1):
             if chunk is None:
@@ -276,20 +313,26 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
                 done.update(finished)
                 if sink is not None:
                     append_lines(sink, (dumps({"id": i, "raw_score": v}) for i, v in finished))
-                elapsed = time.perf_counter() - t0
-                scored_now = len(done) - (len(targets) - len(todo))
-                bar.update(task, completed=len(done), rate=f"{scored_now / max(elapsed, 1e-9):.1f} pairs/s")
+                bar.update(completed=len(done))
     score_seconds = time.perf_counter() - t0
 
     meta: dict[str, Any] = {}
     if strategy.is_main:
-        scored = [Scored(p.id, c, done[p.id]) for p, c in targets]
+        # Every conflict pair gets a line, in input order: a --probe-holdout pair is not scored (raw_score
+        # null) and takes its category's mean weight, so the trainer finds a weight for every pair.
+        scored = [
+            Scored(p.id, c, None, probe_holdout=True) if p.id in held_out else Scored(p.id, c, done[p.id])
+            for p, c in conflict
+        ]
         normalize_weights(scored, config.normalize, config.allow_empty)
         if built:
             write_pairs(paths["probe"], probe)
         write_rejects(config.out, pair_set.rejects)
-        write_jsonl(paths["scores"], (asdict(s) for s in scored))
-        meta = _metadata(config, paths, probe, built, scorer, strategy, len(scored), len(pair_set.rejects))
+        write_jsonl(paths["scores"], (s.record() for s in scored))
+        held = len(scored) - len(targets)
+        meta = _metadata(
+            config, paths, probe, built, scorer, strategy, len(targets), held, len(pair_set.rejects)
+        )
         meta["timings"] = {
             "probe_gradient_s": round(probe_seconds, 3),
             "scoring_s": round(score_seconds, 3),
@@ -310,6 +353,7 @@ def _metadata(
     scorer: GhostScorer,
     strategy: Any,
     n_scored: int,
+    n_held_out: int,
     n_rejects: int,
 ) -> dict[str, Any]:
     return {
@@ -330,6 +374,7 @@ def _metadata(
         "lora": asdict(config.lora) if config.lora else None,
         "initial_adapter": str(paths["adapter"]) if config.lora else None,
         "scored_pairs": n_scored,
+        "probe_holdout_pairs": n_held_out,
         "parameters_covered": scorer.covered_numel,
         "probe_gradient_numel_on_rank0": sum(t.numel() for t in scorer.state.store.tensors.values()),
         "rejects": n_rejects,
