@@ -1,8 +1,11 @@
-"""Evaluation: intervals, TPA bookkeeping, and `trace-ds eval` on a tiny model (the model as its own reference)."""
+"""Evaluation: intervals, TPA bookkeeping and which judge may score it, `trace-ds eval` on a tiny model (the
+model as its own reference), the report and the environment fingerprint."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,11 @@ from click.testing import CliRunner
 
 from trace_ds.cli import main
 from trace_ds.evaluate.metrics import cut_turn, target_policy_agreement, wilson_interval
+from trace_ds.evaluate.run import NO_TPA, tpa_judge_for
+from trace_ds.io import iter_jsonl, write_jsonl
 from trace_ds.synth.generator import build_benchmark
+
+from .helpers import read_lines
 
 
 def test_wilson_interval_known_values() -> None:
@@ -29,6 +36,54 @@ def test_cut_turn_and_tpa_groups() -> None:
     tpa = target_policy_agreement(prompts, ["ok", "bad", "ok"], lambda prompt, response: response == "bad")
     assert tpa["all"]["tpa"] == pytest.approx(2 / 3) and tpa["all"]["prompts"] == 3
     assert tpa["shifted"]["tpa"] == 0.5 and tpa["stable"]["tpa"] == 1.0
+
+
+def _edit_first_prompt(folder: Path) -> None:
+    rows = [record for _, record in iter_jsonl(folder / "prompts.jsonl")]
+    rows[0] = {**rows[0], "prompt": "Which of these is better for my team, and why?"}
+    write_jsonl(folder / "prompts.jsonl", rows)
+
+
+def test_rule_judge_only_on_the_benchmarks_own_prompts(tmp_path: Path) -> None:
+    build_benchmark(tmp_path / "bench", n_pairs=20, seed=1, n_eval_prompts=10, n_eval_pairs=12)
+    own = tmp_path / "bench" / "eval"
+    assert tpa_judge_for(own).name == "synth-rule"
+    # the eval folder copied alone keeps its marker (eval/manifest.json)
+    shutil.copytree(own, tmp_path / "copy")
+    assert tpa_judge_for(tmp_path / "copy").name == "synth-rule"
+    # reformatting the file (spacing, key order) is not a change of prompts
+    rows = read_lines(own / "prompts.jsonl")
+    (tmp_path / "copy" / "prompts.jsonl").write_text(
+        "\n".join(json.dumps(dict(reversed(list(r.items()))), indent=None) for r in rows) + "\n\n"
+    )
+    assert tpa_judge_for(tmp_path / "copy").name == "synth-rule"
+    # one edited prompt: the rule judge is gone, in a copy of the folder and in a copy of the whole benchmark
+    _edit_first_prompt(tmp_path / "copy")
+    judge = tpa_judge_for(tmp_path / "copy")
+    assert judge.name is None and "differs" in judge.reason
+    shutil.copytree(tmp_path / "bench", tmp_path / "bench2")
+    _edit_first_prompt(tmp_path / "bench2" / "eval")
+    assert tpa_judge_for(tmp_path / "bench2" / "eval").name is None
+    (tmp_path / "bench2" / "eval" / "manifest.json").unlink()  # the benchmark's manifest alone decides too
+    assert tpa_judge_for(tmp_path / "bench2" / "eval").name is None
+    shutil.copy(own / "prompts.jsonl", tmp_path / "bench2" / "eval" / "prompts.jsonl")
+    judge = tpa_judge_for(tmp_path / "bench2" / "eval")
+    assert judge.name == "synth-rule" and str(tmp_path / "bench2" / "manifest.json") in judge.reason
+    # a benchmark from before the digest was recorded (format_version 1): no judge, and the hint to rebuild
+    old = json.loads((tmp_path / "bench2" / "manifest.json").read_text())
+    del old["tpa_judge"]
+    (tmp_path / "bench2" / "manifest.json").write_text(json.dumps({**old, "format_version": 1}))
+    judge = tpa_judge_for(tmp_path / "bench2" / "eval")
+    assert judge.name is None and "rebuild" in judge.reason
+    # user data with `shifted` and synthetic-looking prompts but no marker: no judge
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    shutil.copy(own / "prompts.jsonl", mine / "prompts.jsonl")
+    judge = tpa_judge_for(mine)
+    assert judge.name is None and "no synthetic-benchmark manifest" in judge.reason
+    # a marker that is not JSON is no marker
+    (mine / "manifest.json").write_text("{not json")
+    assert tpa_judge_for(mine).name is None
 
 
 @pytest.mark.slow
@@ -68,9 +123,59 @@ def test_eval_of_the_reference_itself(tiny_model_dir: Path, tmp_path: Path) -> N
         == metrics["tpa"]["shifted"]["prompts"] + metrics["tpa"]["stable"]["prompts"]
         > 0
     )
+    assert metrics["tpa_judge"] == "synth-rule" and metrics["tpa_note"] is None  # the untouched benchmark
     generations = [json.loads(line) for line in Path(metrics["generations"]).read_text().splitlines()]
     assert len(generations) == metrics["tpa"]["all"]["prompts"]
     assert sum(g["compliant"] for g in generations) == round(metrics["tpa"]["all"]["tpa"] * len(generations))
+    assert metrics["environment"]["packages"]["torch"] and "cpu" in metrics["environment"]
+
+
+EDITED_ARGS = ["--max-new-tokens", "4", "--max-length", "160", "--max-prompt-length", "64"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_eval_on_edited_prompts_has_no_tpa_until_a_judge_scores_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    build_benchmark(tmp_path / "bench", n_pairs=30, seed=2, n_eval_prompts=6, n_eval_pairs=12)
+    data = tmp_path / "mine"
+    shutil.copytree(tmp_path / "bench" / "eval", data)
+    _edit_first_prompt(data)
+    out = tmp_path / "metrics.json"
+    model = str(tiny_model_dir)
+    args = ["eval", "--model", model, "--reference", model, "--data", str(data), "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, *EDITED_ARGS])
+    assert result.exit_code == 0, result.output
+    assert NO_TPA in " ".join(result.output.split())
+    metrics = json.loads(out.read_text())
+    assert metrics["tpa"] is None and metrics["tpa_judge"] is None and metrics["tpa_note"] == NO_TPA
+    assert metrics["preference"]["pairs"]["inversion"] > 0  # the rest of the evaluation is unchanged
+    generations = read_lines(Path(metrics["generations"]))
+    assert len(generations) == 6 and all(g["compliant"] is None for g in generations)
+
+    # A real judge (here a tiny random model: the verdicts are noise, the plumbing is what is tested).
+    policy = tmp_path / "policy.md"
+    policy.write_text("Answer briefly.")
+    template = tmp_path / "template.md"
+    template.write_text("Policy: {policy}\nUser: {prompt}\nAnswer: {response}\nJSON verdict:")
+    verdicts = tmp_path / "tpa_verdicts.jsonl"
+    judge = [
+        "judge", "run", "--model", model, "--generations", metrics["generations"], "--policy", str(policy),
+        "--template", str(template), "--out", str(verdicts), "--max-new-tokens", "8",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, judge)
+    assert result.exit_code == 0, result.output
+    tpa_out = tmp_path / "tpa.json"
+    result = CliRunner().invoke(
+        main,
+        ["tpa", "--generations", metrics["generations"], "--verdicts", str(verdicts), "--out", str(tpa_out)],
+    )
+    assert result.exit_code == 0, result.output
+    tpa = json.loads(tpa_out.read_text())
+    known = [v for v in read_lines(verdicts) if v["chosen_violates"] is not None]
+    assert tpa["generations"] == 6 and tpa["unjudged"] == 6 - len(known)
+    assert tpa["tpa"]["all"]["prompts"] == len(known)
 
 
 @pytest.mark.slow
@@ -176,3 +281,192 @@ def test_eval_under_zero3_equals_one_process(tiny_model_dir: Path, tmp_path: Pat
     gen_a = [json.loads(line)["response"] for line in Path(a["generations"]).read_text().splitlines()]
     gen_b = [json.loads(line)["response"] for line in Path(b["generations"]).read_text().splitlines()]
     assert gen_a == gen_b  # greedy decoding, same prompts in the same order
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def _evaluation(tpa: float | None, ppl: float) -> dict:
+    def group(value: float, prompts: int) -> dict:
+        return {"tpa": value, "ci95": wilson_interval(round(value * prompts), prompts), "prompts": prompts}
+
+    from trace_ds.fingerprint import environment_fingerprint
+
+    return {
+        "preference": {
+            "pairs": {"inversion": 10, "suppression": 6, "retention": 8},
+            "inversion_accuracy": 0.8,
+            "inversion_margin": 1.5,
+            "suppression_logp_change": -3.0,
+            "retention_kl": 0.01,
+            "retention_agreement": 0.5,
+        },
+        "tpa": None
+        if tpa is None
+        else {"all": group(tpa, 20), "shifted": group(tpa, 10), "stable": group(tpa, 10)},
+        "tpa_judge": None if tpa is None else "synth-rule",
+        "tpa_note": NO_TPA if tpa is None else None,
+        "perplexity": {"model": ppl, "reference": 10.0, "texts": 5},
+        "environment": environment_fingerprint(),
+    }
+
+
+@pytest.fixture()
+def report_inputs(tmp_path: Path) -> dict:
+    scores = tmp_path / "scores.jsonl"
+    write_jsonl(
+        scores,
+        [
+            {"id": "a", "category": "inversion", "raw_score": 2.0, "weight": 1.0},
+            {"id": "b", "category": "inversion", "raw_score": -1.0, "weight": 0.0},
+            {"id": "c", "category": "inversion", "raw_score": 0.0, "weight": 0.0},
+            {"id": "d", "category": "inversion", "raw_score": 2.0, "weight": 1.0},
+            {"id": "e", "category": "suppression", "raw_score": -3.0, "weight": 0.0},
+            {"id": "f", "category": "suppression", "raw_score": 5.0, "weight": 2.0},
+            {"id": "g", "category": "suppression", "raw_score": None, "weight": 1.0},  # --probe-holdout
+        ],
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    write_jsonl(
+        metrics,
+        [
+            {"step": i, "loss": 1.0 / (i + 1), "loss_inversion": 2.0 / (i + 1), "kl_retention": 0.01}
+            for i in range(1, 41)
+        ],
+    )
+    return {"scores": str(scores), "training": {"trace": str(metrics)}}
+
+
+def test_report_directions_config_environment_smoothing_and_zero_weights(
+    report_inputs: dict, tmp_path: Path
+) -> None:
+    from trace_ds import __version__
+    from trace_ds.evaluate.report import METRICS, write_report
+
+    config = {"seed": 3, "train": {"lr": 0.001, "beta": 0.1}, "methods": ["trace"]}
+    evaluations = {"old": _evaluation(0.5, 10.0), "trace": _evaluation(0.75, 10.5)}
+    out = tmp_path / "report"
+    check = write_report(out, evaluations, report_inputs["scores"], report_inputs["training"], config)
+    data = json.loads((out / "report.json").read_text())
+    text = (out / "report.md").read_text()
+    assert check["tpa_target_met"] is True and check["perplexity_target_met"] is True
+    assert data["check"] == {k: v for k, v in check.items() if k != "report"}
+    # every metric says which way is better, in both files
+    assert {m["key"]: m["better"] for m in data["metrics"]} == {m.key: m.better for m in METRICS}
+    assert {"tpa_all": "higher", "perplexity": "lower", "retention_kl": "lower"}.items() <= {
+        m["key"]: m["better"] for m in data["metrics"]
+    }.items()
+    for metric in METRICS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {metric.label} |"))
+        assert ("↑ higher" if metric.better == "higher" else "↓ lower") in row
+    row = next(line for line in text.splitlines() if line.startswith("| retention KL"))
+    assert row.endswith("| 0.0100 | 0.0100 |")
+    assert data["results"]["trace"]["tpa_all"]["tpa"] == 0.75 and "0.750 [" in text
+    # config, versions, environment
+    assert data["config"] == config and "lr: 0.001" in text
+    assert data["trace_ds_version"] == __version__ and data["packages"]["trace-ds"] == __version__
+    assert data["packages"]["torch"] and f"torch {data['packages']['torch']}" in text
+    environment = data["environment"]
+    assert set(environment) >= {"cpu", "torch", "env", "platform", "python", "packages", "gpu"}
+    assert data["environment_id"] in text
+    assert data["evaluations"]["trace"]["environment_id"] == data["environment_id"]
+    # zero-weight pairs per category, with the reason and what to change
+    zero = data["zero_weight"]["categories"]
+    assert zero["inversion"] == {
+        "pairs": 4,
+        "zero_weight": 2,
+        "raw_score_at_most_0": 2,
+        "not_scored": 0,
+        "zero_weight_share": 0.5,
+    }
+    assert zero["suppression"]["zero_weight"] == 1 and zero["suppression"]["not_scored"] == 1
+    assert "| inversion | 4 | 2 | 50.0% | 2 |" in text and "--probe-size" in text and "no_impact" in text
+    # smoothed loss curves with the window stated
+    assert data["loss_smoothing"] == {"trace": {"kind": "trailing moving average", "window_steps": 4}}
+    assert "window in steps: trace: 4" in text
+    assert {"tpa.png", "preference_accuracy.png", "score_distribution.png", "losses_trace.png"} == set(
+        data["plots"]
+    )
+    assert all((out / name).exists() for name in data["plots"])
+
+
+def test_report_without_a_tpa_judge(report_inputs: dict, tmp_path: Path) -> None:
+    from trace_ds.evaluate.report import write_report
+
+    evaluations = {"old": _evaluation(None, 10.0), "trace": _evaluation(None, 12.0)}
+    out = tmp_path / "report"
+    check = write_report(out, evaluations, report_inputs["scores"], report_inputs["training"])
+    assert check["tpa_checked"] is False and check["tpa_target_met"] is None and check["tpa_gain"] is None
+    assert check["tpa_note"] == "TPA targets not checked: TPA not computed (no judge for this policy)"
+    assert check["perplexity_target_met"] is False  # +20%: the targets that can be checked still are
+    text = (out / "report.md").read_text()
+    tpa_row = next(line for line in text.splitlines() if line.startswith("| TPA, all"))
+    assert tpa_row.count("not computed (no judge for this policy)") == 2
+    assert "TPA targets not checked" in text and "Not recorded" in text  # no config given
+    data = json.loads((out / "report.json").read_text())
+    assert data["results"]["trace"]["tpa_all"] is None and data["config"] is None
+    assert "tpa.png" not in data["plots"] and not (out / "tpa.png").exists()
+
+
+def test_moving_average_and_window() -> None:
+    from trace_ds.evaluate.report import moving_average, smoothing_window
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([1.0, 2.0], 1) == [1.0, 2.0]
+    assert smoothing_window(5) == 1 and smoothing_window(400) == 40 and smoothing_window(10**6) == 50
+
+
+# --- the environment fingerprint ------------------------------------------------------------------------
+
+
+def test_fingerprint_records_cpu_threads_env_and_versions(tmp_path: Path, monkeypatch) -> None:
+    from importlib import metadata
+
+    import torch
+
+    from trace_ds import fingerprint
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f amx_tile\n\n"
+        "processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f amx_tile\n"
+    )
+    assert fingerprint._cpu_info(str(info)) == (
+        "Test CPU 9000",
+        {"fpu", "sse2", "avx2", "avx512f", "amx_tile"},
+    )
+    record = fingerprint.environment_fingerprint()
+    assert record["env"]["OMP_NUM_THREADS"] == "3" and record["env"]["MKL_CBWR"] is None
+    assert record["torch"] == {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "num_threads": torch.get_num_threads(),
+    }
+    assert record["packages"]["torch"] == metadata.version("torch")
+    assert set(record["packages"]) == {*fingerprint.PACKAGES, "trace-ds"}
+    assert record["python"]["version"] and record["cpu"]["cpu_count"] >= 1
+    assert record["gpu"] is None or record["gpu"]["devices"]
+    json.dumps(record)  # plain JSON
+
+
+def test_fingerprint_never_crashes_on_a_bare_machine(monkeypatch) -> None:
+    from importlib import metadata
+
+    from trace_ds import fingerprint
+
+    def missing(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    real_cpu_info = fingerprint._cpu_info
+    monkeypatch.setattr(fingerprint, "_cpu_info", lambda: real_cpu_info("/nonexistent/cpuinfo"))
+    monkeypatch.setattr(fingerprint, "_torch", lambda: None)  # torch not installed
+    monkeypatch.setattr(metadata, "version", missing)  # no distribution metadata at all
+    record = fingerprint.environment_fingerprint()
+    assert record["cpu"]["model"] is None and record["cpu"]["flags"] is None
+    assert record["cpu"]["flags_sha256"] is None
+    assert record["torch"] == {"cpu_capability": None, "num_threads": None} and record["gpu"] is None
+    for name, version in record["packages"].items():  # null, or a loaded module's own __version__
+        module = sys.modules.get(name.replace("-", "_"))
+        assert version == (str(module.__version__) if hasattr(module, "__version__") else None), name
+    assert record["packages"]["trace-ds"]
+    assert fingerprint.fingerprint_id(record) == fingerprint.fingerprint_id(json.loads(json.dumps(record)))

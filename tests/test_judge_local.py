@@ -85,6 +85,62 @@ def test_local_judge_resumes_and_never_guesses(
         assert verdicts[problem["id"]][f"{problem['side']}_violates"] is None
 
 
+def test_judge_run_on_generations_feeds_tpa_resumes_and_never_guesses(
+    tiny_model_dir: Path, judge_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    generations = tmp_path / "m.generations.jsonl"  # as `trace-ds eval` writes them without a judge
+    write_jsonl(
+        generations,
+        [
+            {
+                "id": f"g{i}",
+                "prompt": f"Is {i} even?",
+                "response": "Yes.",
+                "compliant": None,
+                "shifted": i < 3,
+            }
+            for i in range(5)
+        ],
+    )
+    out = tmp_path / "tpa_verdicts.jsonl"
+    responses = tmp_path / "tpa_verdicts.responses.jsonl"
+    responses.write_text(  # an earlier run answered two generations and was killed mid-line
+        json.dumps({"custom_id": "g0::chosen", "output": '{"violates": false}'})
+        + "\n"
+        + json.dumps({"custom_id": "g3::chosen", "output": '{"violates": true}'})
+        + "\n"
+        + '{"custom_id": "g1::cho'
+    )
+    args = judge_args(tiny_model_dir, judge_inputs, out, "--batch-size", "2")
+    args[args.index("--pairs") : args.index("--pairs") + 2] = ["--generations", str(generations)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = read_lines(responses)
+    assert sorted(line["custom_id"] for line in lines) == [f"g{i}::chosen" for i in range(5)]  # one each
+    verdicts = {v["id"]: v for v in read_lines(out)}
+    assert list(verdicts) == [f"g{i}" for i in range(5)]
+    assert verdicts["g0"]["chosen_violates"] is False and verdicts["g3"]["chosen_violates"] is True  # kept
+    assert all(v["rejected_violates"] is None for v in verdicts.values())
+    problems = read_lines(tmp_path / "tpa_verdicts.problems.jsonl")
+    assert all(p["side"] == "chosen" for p in problems)  # a generation has no rejected side to miss
+    for problem in problems:  # the tiny model's gibberish: unjudged, never "compliant"
+        assert verdicts[problem["id"]]["chosen_violates"] is None
+
+    tpa_out = tmp_path / "tpa.json"
+    result = CliRunner().invoke(
+        main, ["tpa", "--generations", str(generations), "--verdicts", str(out), "--out", str(tpa_out)]
+    )
+    assert result.exit_code == 0, result.output
+    tpa = json.loads(tpa_out.read_text())
+    known = {i: v["chosen_violates"] for i, v in verdicts.items() if v["chosen_violates"] is not None}
+    assert tpa["generations"] == 5 and tpa["unjudged"] == 5 - len(known) == len(problems)
+    assert tpa["tpa"]["all"]["prompts"] == len(known)
+    assert tpa["tpa"]["all"]["tpa"] == sum(not v for v in known.values()) / len(known)
+
+    both = CliRunner().invoke(main, [*args, "--pairs", str(judge_inputs["pairs"])])
+    assert both.exit_code == 2 and "exactly one" in both.output
+
+
 def test_prompt_longer_than_the_context_is_an_error_not_a_verdict(
     tiny_model_dir: Path, judge_inputs: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from trace_ds.io import TraceError
-from trace_ds.synth.generator import CHAT_FORMAT, FILES, build_benchmark, exact_counts, prompt_pools
+from trace_ds.synth.generator import (
+    CHAT_FORMAT,
+    EVAL_FORMAT,
+    FILES,
+    build_benchmark,
+    exact_counts,
+    prompt_pools,
+    prompts_digest,
+)
 from trace_ds.synth.judge import classify_style, detect_flags, detect_topic, judge_response, violates
 from trace_ds.synth.policies import CATEGORIES, STYLES, TOPIC_BY_NAME, TOPICS, Flags, category_of
 
@@ -110,6 +118,30 @@ def test_eval_prompts_are_held_out(bench):
     assert {r["topic"] for r in eval_rows} == set(TOPIC_BY_NAME)
     assert all(r["shifted"] == TOPIC_BY_NAME[r["topic"]].shifted for r in eval_rows)
     assert manifest["counts"]["eval_prompts"]["shifted"] == sum(r["shifted"] for r in eval_rows)
+
+
+def test_manifest_and_eval_marker_record_the_eval_prompts_digest(bench):
+    out, manifest = bench
+    rows = _rows(out / "eval/prompts.jsonl")
+    digest = prompts_digest(rows)
+    assert digest.startswith("sha256:") and len(digest) == len("sha256:") + 64
+    assert manifest["tpa_judge"] == {
+        "name": "synth-rule",
+        "applies_to": "eval/prompts.jsonl",
+        "prompts_sha256": digest,
+        "marker": "eval/manifest.json",
+    }
+    marker = json.loads((out / "eval/manifest.json").read_text())
+    assert marker["format"] == EVAL_FORMAT and marker["prompts_sha256"] == digest
+    assert marker["tpa_judge"] == "synth-rule" and marker["benchmark_manifest"] == "../manifest.json"
+    # canonical: key order and spacing do not count; any change to a record, or the order, does
+    reordered_keys = [dict(reversed(list(r.items()))) for r in rows]
+    assert prompts_digest(reordered_keys) == digest
+    edited = [dict(r) for r in rows]
+    edited[0]["prompt"] += " Please."
+    assert prompts_digest(edited) != digest
+    assert prompts_digest([{**rows[0], "shifted": not rows[0]["shifted"]}, *rows[1:]]) != digest
+    assert prompts_digest(rows[::-1]) != digest and prompts_digest(rows[:-1]) != digest
 
 
 def test_every_pool_prompt_detected_and_split_by_combination():

@@ -19,6 +19,7 @@ from trace_ds.data.tokenize import encode_prompt
 from trace_ds.io import BadRecord, append_lines, dumps, iter_jsonl_lenient, write_jsonl
 from trace_ds.judge.export import build_requests
 from trace_ds.judge.parse import ParseResult, parse_responses
+from trace_ds.judge.verdicts import SIDES
 
 
 def responses_path(out: str | Path) -> Path:
@@ -54,12 +55,15 @@ def run_local_judge(
     batch_size: int = 8,
     max_new_tokens: int = 96,
     dtype: str = "float32",
+    sides: tuple[str, ...] = SIDES,
 ) -> ParseResult:
-    """Judge every response of ``pairs`` with the model at ``model_path``; returns the parsed verdicts."""
+    """Judge the ``sides`` of every pair in ``pairs`` with the model at ``model_path``; returns the parsed
+    verdicts. Generations (``generations_as_pairs``) are judged with ``sides=("chosen",)``: one request per
+    generation, verdicts whose ``chosen_violates`` `trace-ds tpa` reads (``null`` when the reply was unusable)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    requests = list(build_requests(pairs, policy, template, request_format="plain"))
+    requests = list(build_requests(pairs, policy, template, request_format="plain", sides=sides))
     path = responses_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = load_finished(path, {r["custom_id"] for r in requests})
@@ -74,15 +78,16 @@ def run_local_judge(
         )
         context = getattr(model.config, "max_position_embeddings", None)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        with open(path, "a", encoding="utf-8") as sink, progress() as bar:
-            task = bar.add_task("judging", total=len(todo), rate="")
+        with open(path, "a", encoding="utf-8") as sink, progress("judging", len(todo), unit="request") as bar:
             for batch in batches(todo, batch_size):
                 lines = _judge_batch(
                     model, tokenizer, batch, pad, context, max_new_tokens, model_path, device
                 )
                 append_lines(sink, (dumps(line) for line in lines))
-                bar.advance(task, len(batch))
-    return parse_responses([path], expected=list(dict.fromkeys(r["pair_id"] for r in requests)))
+                bar.update(advance=len(batch))
+    return parse_responses(
+        [path], expected=list(dict.fromkeys(r["pair_id"] for r in requests)), expected_sides=sides
+    )
 
 
 def _judge_batch(

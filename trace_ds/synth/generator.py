@@ -12,9 +12,11 @@ later scores generations. See docs/synth.md for the files written.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ from .policies import (
 )
 
 FORMAT = "trace-ds-synth"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records the eval prompts' hash; eval/manifest.json
+EVAL_FORMAT = "trace-ds-synth-eval"  # eval/manifest.json: what ties eval/ to the rule judge
 DEFAULT_PROPORTIONS: dict[str, float] = {"inversion": 0.35, "suppression": 0.25, "retention": 0.40}
 EVAL_CORE_FRACTION = 0.25  # share of each topic's (template, primary filler) combinations held out for eval
 # The project's plain chat format (trace_ds.data.tokenize), one document per prompt/response.
@@ -54,6 +57,7 @@ FILES: dict[str, str] = {
     "eval_verdicts": "eval/verdicts.jsonl",
     "eval_truth": "eval/truth.jsonl",
     "eval_general": "eval/general.txt",
+    "eval_manifest": "eval/manifest.json",
     "manifest": "manifest.json",
 }
 
@@ -65,6 +69,19 @@ class SynthPrompt:
     text: str
     topic: Topic
     slots: Mapping[str, str]
+
+
+def prompts_digest(records: Iterable[Any]) -> str:
+    """``sha256:<hex>`` of evaluation prompt records, canonicalised: each record as compact JSON with sorted
+    keys (UTF-8, non-ASCII kept), one per line, in file order. Blank lines, key order and spacing in the file
+    do not change it; any change to a record's content (a prompt, an id, ``shifted``), an added, removed or
+    reordered record does. `trace-ds eval` uses the rule judge only on prompts whose digest is the recorded one.
+    """
+    digest = hashlib.sha256()
+    for record in records:
+        line = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        digest.update(line.encode("utf-8") + b"\n")
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _rng(seed: int, stream: str) -> random.Random:
@@ -343,6 +360,17 @@ def build_benchmark(
         for i, p in enumerate(eval_prompts)
     ]
 
+    eval_digest = prompts_digest(eval_prompt_rows)
+    eval_manifest = {
+        "format": EVAL_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "tpa_judge": JUDGE_NAME,
+        "prompts": Path(FILES["eval_prompts"]).name,
+        "prompts_sha256": eval_digest,
+        "benchmark_manifest": f"../{FILES['manifest']}",
+    }
+
     corpus_prompts = [p for t in TOPICS for p in train_pools[t.name]]
     corpus = _documents(corpus_prompts, _rng(seed, "corpus"))
     general = _documents(eval_prompts, _rng(seed, "general"))
@@ -390,6 +418,12 @@ def build_benchmark(
             "flipped": judge_changes["flipped"],
             "omitted": judge_changes["omitted"],
         },
+        "tpa_judge": {
+            "name": JUDGE_NAME,
+            "applies_to": FILES["eval_prompts"],
+            "prompts_sha256": eval_digest,
+            "marker": FILES["eval_manifest"],
+        },
     }
 
     write_jsonl(out / FILES["pairs"], pairs)
@@ -403,5 +437,6 @@ def build_benchmark(
     write_jsonl(out / FILES["eval_verdicts"], eval_verdicts)
     write_jsonl(out / FILES["eval_truth"], eval_truth)
     write_text(out / FILES["eval_general"], general)
+    write_json(out / FILES["eval_manifest"], eval_manifest)
     write_json(out / FILES["manifest"], manifest)  # last: its presence marks a complete benchmark
     return manifest
