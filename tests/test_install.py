@@ -40,24 +40,25 @@ def _source_files() -> set[str]:
 @pytest.fixture(scope="session")
 def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel of this checkout, built as ``pip wheel`` builds it for users."""
+    import shutil
+
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(out),
-            str(REPO),
-        ],
-        check=True,
-        timeout=300,
-        cwd=out,
-    )
+    # from a copy: setuptools never prunes a checkout's build/ folder, whose stale modules would reach the wheel
+    source = out / "source"
+    ignore = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO, source, ignore=ignore)
+    pip_wheel = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(out),
+    ]
+    subprocess.run([*pip_wheel, str(source)], check=True, timeout=300, cwd=out)
     (wheel,) = out.glob("trace_ds-*.whl")
     return wheel
 
@@ -155,7 +156,18 @@ def test_installed_wheel_runs_end_to_end_outside_the_source_tree(built_wheel: Pa
     ]
     common = ["--model", "model", "--triaged", "triaged.jsonl", "--deepspeed", "ds.json"]
     _run(
-        [*launcher, "score", *common, "--out", "scores.jsonl", "--probe-size", "4", "--micro-batch", "4", "--allow-empty"],
+        [
+            *launcher,
+            "score",
+            *common,
+            "--out",
+            "scores.jsonl",
+            "--probe-size",
+            "4",
+            "--micro-batch",
+            "4",
+            "--allow-empty",
+        ],
         work,
         env,
         600,

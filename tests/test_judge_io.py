@@ -168,10 +168,13 @@ def test_round_trip_with_malformed_responses(tmp_path: Path) -> None:
         "errored",
         "missing",
         "missing",
-        "not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        "not valid JSON",
         "response for a pair not in the requests file",
         "unparsable",
     ]
+    assert "not valid JSON: Expecting property name enclosed in double quotes: column 2" in {
+        p["reason"] for p in problems
+    }
 
 
 def test_plain_form_and_conflicting_duplicates(tmp_path: Path) -> None:

@@ -97,3 +97,95 @@ def test_config_errors_are_named(tmp_path: Path) -> None:
     no_model.write_text(yaml.safe_dump({"data": SMALL["data"], "model": {}}))
     with pytest.raises(TraceError, match="model needs"):
         load_config(no_model)
+
+
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A user's own files (taken from a small synthetic benchmark, but given as plain paths)."""
+    from trace_ds.synth.generator import build_benchmark
+
+    bench = tmp_path_factory.mktemp("own") / "bench"
+    build_benchmark(bench, n_pairs=48, seed=1, n_eval_prompts=8, n_eval_pairs=24)
+    return {
+        "pairs": str(bench / "pairs.jsonl"),
+        "verdicts": str(bench / "verdicts.jsonl"),
+        "eval": str(bench / "eval"),
+        "corpus": str(bench / "corpus.txt"),
+    }
+
+
+def write_own_config(tmp_path: Path, data: dict) -> Path:
+    """SMALL with your own files instead of the synthetic benchmark."""
+    config = write_config(tmp_path, data=data)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"] = data  # replaced, not merged with synth
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def test_own_data_with_build_tiny_needs_a_corpus_and_says_so(tmp_path: Path, own_data: dict) -> None:
+    config = write_own_config(tmp_path, {k: v for k, v in own_data.items() if k != "corpus"})
+    with pytest.raises(TraceError, match=r"add data\.corpus: FILE.*or use model\.path"):
+        load_config(config)
+    result = CliRunner().invoke(main, ["run", str(config)])
+    assert result.exit_code != 0 and "data.corpus" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("score", {"probe_sise": 4}, r"unknown key 'probe_sise' in score; did you mean 'probe_size'\?"),
+        ("train", {"seed": 3}, r"train\.seed is set by the pipeline"),
+        ("model", {"sft": {"epoch": 1}}, r"unknown key 'epoch' in model\.sft; did you mean 'epochs'\?"),
+        ("data", {"synth": {"pair": 4}}, r"unknown key 'pair' in data\.synth; did you mean 'pairs'\?"),
+        ("launch", {"ranks": 2}, r"launch\.ranks 2 needs launch\.deepspeed"),
+        ("launch", {"ranks": 0}, r"launch\.ranks 0: a whole number"),
+        ("eval", {"max_new_token": 4}, r"did you mean 'max_new_tokens'"),
+        ("launch", {"cpu_isa": "avx9"}, r"launch\.cpu_isa 'avx9': one of avx2"),
+        ("launch", {"threads": 0}, r"launch\.threads 0: a whole number"),
+    ],
+)
+def test_config_keys_are_checked_up_front(tmp_path: Path, section: str, values: dict, message: str) -> None:
+    with pytest.raises(TraceError, match=message):
+        load_config(write_config(tmp_path, **{section: values}))
+
+
+def test_own_files_are_checked_up_front(tmp_path: Path, own_data: dict) -> None:
+    config = write_own_config(tmp_path, {**own_data, "eval": str(tmp_path)})  # no evaluation files there
+    with pytest.raises(
+        TraceError, match=r"data\.eval .*missing pairs\.jsonl, verdicts\.jsonl, prompts\.jsonl"
+    ):
+        load_config(config)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_own_data_builds_the_tiny_model_from_the_corpus_and_keys_follow_the_files(
+    tmp_path: Path, own_data: dict
+) -> None:
+    """The prepare phase on your own files: data, tokenizer + tiny model from data.corpus, SFT, triage; a
+    changed corpus reruns the model stages, a changed pairs file reruns everything downstream of data."""
+    import shutil
+
+    own = {}
+    for key, value in own_data.items():
+        target = tmp_path / "mine" / Path(value).name
+        target.parent.mkdir(exist_ok=True)
+        (shutil.copytree if Path(value).is_dir() else shutil.copy)(value, target)
+        own[key] = str(target)
+    config = write_own_config(tmp_path, own)
+    pipeline = Pipeline(load_config(config), str(config))
+    pipeline._run_phase("prepare")
+    stages = {s.name: s for s in pipeline.stages}
+    assert all(stages[name].done() for name in ("data", "base_model", "old_model", "triage"))
+    model_dir = Path(json.loads((stages["base_model"].directory / "paths.json").read_text())["model"])
+    assert (model_dir / "tokenizer.json").exists()
+
+    keys = {s.name: s.key for s in pipeline.stages}
+    Path(own["corpus"]).write_text(Path(own["corpus"]).read_text() + "\n\nOne more document.\n")
+    after_corpus = {s.name: s.key for s in Pipeline(load_config(config), str(config)).stages}
+    assert after_corpus["data"] != keys["data"] and after_corpus["base_model"] != keys["base_model"]
+    eval_prompts = Path(own["eval"]) / "prompts.jsonl"
+    eval_prompts.write_text(eval_prompts.read_text())  # same bytes, new mtime: inside a folder, still seen
+    after_eval = {s.name: s.key for s in Pipeline(load_config(config), str(config)).stages}
+    assert after_eval["data"] != after_corpus["data"]

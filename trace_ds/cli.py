@@ -23,7 +23,8 @@ class TraceGroup(click.Group):
             return super().invoke(ctx)
         except TraceError as err:
             # the message is data (paths, log tails with [brackets]), never rich markup
-            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            # "Error:" as click's own usage errors print it: one prefix for every failure
+            console.print(f"[bold red]Error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
 
@@ -224,7 +225,13 @@ def judge_parse(responses: tuple[str, ...], requests_path: str | None, out: str,
 
 @judge.command("run")
 @click.option("--model", required=True, help="A transformers causal-LM folder or hub id.")
-@click.option("--pairs", "pairs_source", required=True, help="Pairs file, saved dataset or hub id.")
+@click.option("--pairs", "pairs_source", default=None, help="Pairs file, saved dataset or hub id.")
+@click.option(
+    "--generations",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Instead of --pairs: generations written by `trace-ds eval` (one request each); then `trace-ds tpa`.",
+)
 @click.option(
     "--policy", required=True, type=click.Path(exists=True, dir_okay=False), help="The NEW policy text."
 )
@@ -240,7 +247,8 @@ def judge_parse(responses: tuple[str, ...], requests_path: str | None, out: str,
 @pair_source_options
 def judge_run(
     model: str,
-    pairs_source: str,
+    pairs_source: str | None,
+    generations: str | None,
     policy: str,
     out: str,
     template: str | None,
@@ -251,15 +259,23 @@ def judge_run(
     on_bad_record: str,
     split: str | None,
 ) -> None:
-    """Judge with a local model (greedy, batched, resumable: rerun the same command after a kill)."""
-    from trace_ds.data.pairs import read_pairs, write_rejects
-    from trace_ds.judge.export import load_template
+    """Judge pairs, or eval's generations for TPA, with a local model (greedy, batched, resumable: rerun the
+    same command after a kill)."""
+    from trace_ds.data.pairs import PairSet, read_pairs, write_rejects
+    from trace_ds.judge.export import generations_as_pairs, load_template
     from trace_ds.judge.local import run_local_judge
     from trace_ds.judge.parse import write_parse_result
 
     if batch_size < 1 or max_new_tokens < 1:
         raise TraceError("--batch-size and --max-new-tokens must be at least 1")
-    pair_set = read_pairs(pairs_source, _columns(columns), on_bad_record, split=split)  # type: ignore[arg-type]
+    if (pairs_source is None) == (generations is None):
+        raise TraceError("give --pairs or --generations (exactly one)")
+    if generations is not None:
+        pair_set = PairSet(generations_as_pairs(generations), [], generations)
+        sides: tuple[str, ...] = ("chosen",)
+    else:
+        pair_set = read_pairs(pairs_source, _columns(columns), on_bad_record, split=split)  # type: ignore[arg-type]
+        sides = ("chosen", "rejected")
     result = run_local_judge(
         model,
         pair_set.pairs,
@@ -269,9 +285,12 @@ def judge_run(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         dtype=dtype,
+        sides=sides,
     )
     write_rejects(out, pair_set.rejects)
     console.print(key_value_table("Local judge", write_parse_result(result, out)))
+    if generations is not None:
+        console.print(f"TPA: trace-ds tpa --generations {generations} --verdicts {out} --out <tpa.json>")
 
 
 @main.command("triage")
@@ -295,6 +314,12 @@ def judge_run(
     help="Give this fraction of judged pairs a random other category.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for --noise.")
+@click.option(
+    "--unjudged-only",
+    is_flag=True,
+    help="Write only the unjudged pairs and the report (no triaged file); a run that judges nothing is "
+    "otherwise an error.",
+)
 @pair_source_options
 def triage_command(
     pairs_source: str,
@@ -306,6 +331,7 @@ def triage_command(
     columns: tuple[str, ...],
     on_bad_record: str,
     split: str | None,
+    unjudged_only: bool,
 ) -> None:
     """Sort pairs into inversion / suppression / retention and store them in the new orientation."""
     from trace_ds.triage import run_triage
@@ -320,6 +346,7 @@ def triage_command(
         noise,
         seed,
         split,  # type: ignore[arg-type]
+        unjudged_only,
     )
     print_triage_report(report)
 
@@ -624,8 +651,12 @@ def sft_command(pairs_source: str, **options: Any) -> None:
 )
 @tokenize_options
 def eval_command(exclude: tuple[str, ...], deepspeed_config: str | None, **options: Any) -> None:
-    """Preference accuracy per category, TPA (with 95% intervals) and perplexity, against the reference."""
-    from trace_ds.evaluate.run import EvalConfig, run_eval
+    """Preference accuracy per category, TPA (with 95% intervals) and perplexity, against the reference.
+
+    TPA is computed here only on the synthetic benchmark's own prompts (its rule judge); for any other data
+    judge the written generations: `trace-ds judge run --generations` (a local model) or `judge export` /
+    `judge parse --generations` (an external judge), then `trace-ds tpa`."""
+    from trace_ds.evaluate.run import NO_TPA_SHORT, EvalConfig, run_eval
 
     config = EvalConfig(
         exclude=exclude, deepspeed=deepspeed_config, tokenize=_tokenize_config(options), **options
@@ -634,13 +665,17 @@ def eval_command(exclude: tuple[str, ...], deepspeed_config: str | None, **optio
     if metrics.get("world_size", 1) > 1 and not _is_rank_zero():
         return
     rows = {f"preference: {k}": v for k, v in metrics["preference"].items() if not isinstance(v, dict)}
-    rows.update(
-        {
-            f"TPA {name}": f"{v['tpa']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] n={v['prompts']}"
-            for name, v in metrics["tpa"].items()
-            if v["prompts"]
-        }
-    )
+    if metrics["tpa"] is None:
+        rows["TPA"] = NO_TPA_SHORT
+    else:
+        rows.update(
+            {
+                f"TPA {name}": f"{v['tpa']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] n={v['prompts']}"
+                for name, v in metrics["tpa"].items()
+                if v["prompts"]
+            }
+        )
+        rows["TPA judge"] = metrics["tpa_judge"]
     if metrics["perplexity"]:
         rows.update(
             {
@@ -894,14 +929,25 @@ def bench_load(model: str, deepspeed: str | None, loader: str, dtype: str, verif
 )
 def run_command(config_path: str, phase: str) -> None:
     """Every stage from one YAML config; finished stages are cached by a hash of their inputs and settings."""
-    from trace_ds.pipeline import Pipeline, load_config
-
-    pipeline = Pipeline(load_config(config_path), config_path)
+    pipeline = _pipeline(config_path)
     if phase == "distributed":
         pipeline.run_distributed_phase()
         return
     summary = pipeline.run()
     _print_pipeline_summary(pipeline, summary)
+
+
+def _pipeline(config_path: str | Path) -> Any:
+    """The pipeline of a config, with its CPU numerics pinned first (launch.threads/cpu_isa: before torch
+    is imported here, and inherited by every launch)."""
+    from trace_ds.determinism import pin_cpu_numerics
+    from trace_ds.pipeline import Pipeline
+    from trace_ds.pipeline_config import read_config, validate_config
+
+    config = read_config(config_path)
+    pin_cpu_numerics(config["launch"].get("threads"), config["launch"].get("cpu_isa"))
+    validate_config(config, str(config_path))
+    return Pipeline(config, str(config_path))
 
 
 def _print_pipeline_summary(pipeline: Any, summary: dict[str, Any]) -> None:
@@ -931,12 +977,14 @@ def _print_pipeline_summary(pipeline: Any, summary: dict[str, Any]) -> None:
 )
 def demo(out: str, n_pairs: int, seed: int, ranks: int, all_baselines: bool) -> None:
     """The built-in job: synthetic policy shift, tiny old-policy model, TRACE vs naive DPO, report."""
-    from trace_ds.pipeline import Pipeline, load_config, write_demo_config
+    from trace_ds.determinism import pin_cpu_numerics
+    from trace_ds.pipeline import DEMO_CPU_NUMERICS, write_demo_config
 
     methods = ["trace", "naive_dpo"] + (["no_impact", "no_kl", "no_triage"] if all_baselines else [])
+    pin_cpu_numerics(**DEMO_CPU_NUMERICS)  # before write_demo_config imports torch
     config_path = write_demo_config(out, seed, n_pairs, methods, ranks)
     console.print(f"demo config: {config_path} (edit it and run `trace-ds run {config_path}`)")
-    pipeline = Pipeline(load_config(config_path), str(config_path))
+    pipeline = _pipeline(config_path)
     _print_pipeline_summary(pipeline, pipeline.run())
 
 

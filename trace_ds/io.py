@@ -36,6 +36,11 @@ class Position:
         return f"{self.source}:{self.index}" if self.unit == "line" else f"{self.source}:row {self.index}"
 
 
+def position_text(position: Position | None) -> str | None:
+    """A position as written into JSON files: ``file:line``, or null when the record had none."""
+    return None if position is None else str(position)
+
+
 class BadRecord(TraceError):
     """One input record is unusable; carries its position so the message names file and line."""
 
@@ -127,7 +132,9 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except json.JSONDecodeError as err:
-        raise BadRecord(Position(str(path), err.lineno), f"not valid JSON: {err.msg}") from None
+        raise BadRecord(
+            Position(str(path), err.lineno), f"not valid JSON: {err.msg}: column {err.colno}"
+        ) from None
     except FileNotFoundError:
         raise TraceError(f"{path}: no such file") from None
 
@@ -159,7 +166,7 @@ def iter_jsonl_lenient(path: str | os.PathLike) -> Iterator[tuple[Position, Any]
                 yield (
                     position,
                     BadRecord(
-                        position, f"not valid JSON ({err.msg} at column {err.colno})", raw=line.rstrip("\n")
+                        position, f"not valid JSON: {err.msg}: column {err.colno}", raw=line.rstrip("\n")
                     ),
                 )
 

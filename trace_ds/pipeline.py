@@ -24,24 +24,9 @@ from typing import Any
 from trace_ds import __version__
 from trace_ds.console import console
 from trace_ds.io import TraceError, read_json, trace_ds_command, write_json
+from trace_ds.pipeline_config import load_config
 
-METHODS = {
-    "trace": "TRACE (triage, impact weights, KL)",
-    "naive_dpo": "naive oracle DPO (every judged pair, new orientation, uniform, no KL)",
-    "no_impact": "TRACE w/o impact weighting (all conflict weights 1)",
-    "no_kl": "TRACE w/o KL (alpha_kl = 0)",
-    "no_triage": "w/o triage (NPO on every pair's old chosen response, impact-weighted, no KL)",
-}
-DEFAULTS: dict[str, Any] = {
-    "workdir": "runs/pipeline",
-    "seed": 0,
-    "tokenize": {"max_length": 1024, "max_prompt_length": 512},
-    "score": {"probe_size": 64, "beta": 0.1, "micro_batch": 8},
-    "train": {"epochs": 1, "micro_batch": 8, "lr": 1e-6, "beta": 0.1, "alpha_kl": 1.0},
-    "eval": {"max_new_tokens": 48, "batch_size": 16},
-    "methods": ["trace"],
-    "launch": {"ranks": 1, "deepspeed": None},
-}
+__all__ = ["Pipeline", "Stage", "load_config", "write_demo_config"]
 
 
 @dataclass
@@ -56,34 +41,6 @@ class Stage:
 
     def done(self) -> bool:
         return (self.directory / "done.json").exists()
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise TraceError(f"{path}: {err}") from err
-    config = {**DEFAULTS, **raw}
-    for section in ("tokenize", "score", "train", "eval", "launch"):
-        config[section] = {**DEFAULTS[section], **(raw.get(section) or {})}
-    if "max_steps" in (raw.get("train") or {}) and "epochs" not in raw["train"]:
-        config["train"].pop("epochs")  # the default epoch count gives way to an explicit step count
-    unknown = [m for m in config["methods"] if m not in METHODS]
-    if unknown:
-        raise TraceError(f"{path}: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    data = config.get("data") or {}
-    if "synth" not in data and not {"pairs", "verdicts", "eval"} <= data.keys():
-        raise TraceError(
-            f"{path}: data needs either synth: {{...}} or pairs, verdicts and eval (an evaluation folder)"
-        )
-    model = config.get("model") or {}
-    if "path" not in model and "build_tiny" not in model:
-        raise TraceError(
-            f"{path}: model needs either path: (the old-policy model) or build_tiny: {{...}} with sft: {{...}}"
-        )
-    return config
 
 
 class Pipeline:
@@ -209,8 +166,10 @@ score: {{probe_size: 60, beta: 0.1, micro_batch: 16}}
 train: {{epochs: 1, micro_batch: 8, lr: 0.0005, beta: 0.1, alpha_kl: 20.0}}
 eval: {{max_new_tokens: 48, batch_size: 32}}
 methods: {methods}
-launch: {{ranks: {ranks}, deepspeed: {deepspeed}}}
+launch: {{ranks: {ranks}, deepspeed: {deepspeed}, threads: {threads}, cpu_isa: {cpu_isa}}}
 """
+# The demo's digits must reproduce on another machine: one thread per process, AVX2 kernels everywhere.
+DEMO_CPU_NUMERICS: dict[str, Any] = {"threads": 1, "cpu_isa": "avx2"}
 
 
 def write_demo_config(workdir: str, seed: int, pairs: int, methods: list[str], ranks: int) -> Path:
@@ -228,6 +187,7 @@ def write_demo_config(workdir: str, seed: int, pairs: int, methods: list[str], r
         methods=json.dumps(methods),
         ranks=ranks,
         deepspeed=json.dumps(str(ds_path)),
+        **DEMO_CPU_NUMERICS,
     )
     path = folder / "demo.yaml"
     from trace_ds.io import write_text

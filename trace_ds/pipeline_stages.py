@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_ds.io import read_json, write_json, write_jsonl
+from trace_ds.pipeline_config import SFT_DEFAULTS, SYNTH_PARAMETERS, USER_DATA
 
 
 def _paths(directory: Path) -> dict[str, str]:
@@ -20,10 +21,13 @@ def _tokenize(config: dict[str, Any]) -> Any:
 
 
 def _file_identity(path: str) -> dict[str, Any]:
-    """Part of a stage key for user files: a changed file reruns what depends on it."""
+    """Part of a stage key for user inputs: a changed file (anywhere in a folder) reruns what depends on it.
+    A name that is not a local path (a hub id) stands for itself."""
     target = Path(path)
+    if not target.exists():
+        return {"id": path}
     if target.is_dir():
-        return {p.name: _file_identity(str(p)) for p in sorted(target.iterdir()) if p.is_file()}
+        return {p.name: _file_identity(str(p)) for p in sorted(target.iterdir())}
     stat = target.stat()
     return {"path": str(target.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -40,7 +44,7 @@ def plan_stages(config: dict[str, Any]) -> list[Any]:
     if "synth" in data:
         stages.append(Stage("data", "prepare", {"synth": data["synth"]}, [], _synth_stage(data["synth"])))
     else:
-        files = {k: data[k] for k in ("pairs", "verdicts", "eval")}
+        files = {k: data[k] for k in (*USER_DATA, "corpus") if k in data}
         stages.append(
             Stage(
                 "data",
@@ -51,7 +55,8 @@ def plan_stages(config: dict[str, Any]) -> list[Any]:
             )
         )
     if "path" in model:
-        stages.append(Stage("old_model", "prepare", {"path": model["path"]}, [], _given_model(model["path"])))
+        identity = {"path": model["path"], "files": _file_identity(model["path"])}
+        stages.append(Stage("old_model", "prepare", identity, [], _given_model(model["path"])))
     else:
         stages.append(
             Stage(
@@ -62,7 +67,7 @@ def plan_stages(config: dict[str, Any]) -> list[Any]:
                 _build_tiny(model["build_tiny"], config["seed"]),
             )
         )
-        sft = {"epochs": 3, "lr": 3e-3, "batch_size": 32, **(model.get("sft") or {})}
+        sft = {**SFT_DEFAULTS, **(model.get("sft") or {})}
         stages.append(
             Stage(
                 "old_model",
@@ -128,7 +133,9 @@ def plan_stages(config: dict[str, Any]) -> list[Any]:
             )
         )
     report_inputs = ["eval_old", *(f"eval_{m}" for m in methods), "score", *(f"train_{m}" for m in methods)]
-    stages.append(Stage("report", "finish", {"methods": methods}, report_inputs, _report(methods)))
+    # the report records the whole config: any change to it rewrites the report (cheap), nothing else
+    report_settings = {"methods": methods, "config": config}
+    stages.append(Stage("report", "finish", report_settings, report_inputs, _report(methods, config)))
     return stages
 
 
@@ -164,8 +171,7 @@ def _synth_stage(settings: dict[str, Any]) -> Any:
 
 
 def _rename(settings: dict[str, Any]) -> dict[str, Any]:
-    names = {"pairs": "n_pairs", "eval_prompts": "n_eval_prompts", "eval_pairs": "n_eval_pairs"}
-    return {names.get(k, k): v for k, v in settings.items()}
+    return {SYNTH_PARAMETERS.get(k, k): v for k, v in settings.items()}
 
 
 def _given_data(files: dict[str, str]) -> Any:
@@ -343,7 +349,7 @@ def _train(method: str, settings: dict[str, Any], config: dict[str, Any]) -> Any
 
 def _evaluate(method: str | None, settings: dict[str, Any], config: dict[str, Any]) -> Any:
     def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
-        from trace_ds.evaluate.run import EvalConfig, run_eval
+        from trace_ds.evaluate.run import EvalConfig, run_eval, tpa_summary
 
         old = _paths(inputs["old_model"])["model"]
         model = old if method is None else _paths(inputs[f"train_{method}"])["model"]
@@ -359,18 +365,18 @@ def _evaluate(method: str | None, settings: dict[str, Any], config: dict[str, An
             )
         )
         write_json(directory / "paths.json", {"metrics": str(directory / "metrics.json")})
-        return {"tpa": metrics["tpa"]["all"]["tpa"]}
+        return {"tpa": tpa_summary(metrics)}
 
     return run
 
 
-def _report(methods: list[str]) -> Any:
+def _report(methods: list[str], config: dict[str, Any]) -> Any:
     def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
         from trace_ds.evaluate.report import write_report
 
         evaluations = {"old": read_json(inputs["eval_old"] / "metrics.json")}
         evaluations.update({m: read_json(inputs[f"eval_{m}"] / "metrics.json") for m in methods})
         training = {m: _paths(inputs[f"train_{m}"])["metrics"] for m in methods}
-        return write_report(directory, evaluations, _paths(inputs["score"])["scores"], training)
+        return write_report(directory, evaluations, _paths(inputs["score"])["scores"], training, config)
 
     return run

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from trace_ds.io import BadRecord, Position, TraceError, iter_table_records, write_jsonl
+from trace_ds.io import BadRecord, Position, TraceError, iter_table_records, position_text, write_jsonl
 
 Shape = Literal["text", "conversational", "tokenized"]
 OnBad = Literal["error", "skip"]
@@ -66,7 +66,7 @@ class Reject:
     record: Any
 
     def to_record(self) -> dict[str, Any]:
-        return {"position": str(self.position), "reason": self.reason, "record": self.record}
+        return {"position": position_text(self.position), "reason": self.reason, "record": self.record}
 
 
 def parse_column_map(items: Iterable[str]) -> dict[str, str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trace_ds.io import BadRecord, Position, iter_jsonl, iter_jsonl_lenient, write_jsonl
+from trace_ds.io import BadRecord, Position, iter_jsonl, iter_jsonl_lenient, position_text, write_jsonl
 from trace_ds.judge.export import split_custom_id
 from trace_ds.judge.verdicts import SIDES, Verdict
 
@@ -102,7 +102,12 @@ class Problem:
     position: Position | None
 
     def to_record(self) -> dict[str, Any]:
-        return {"id": self.pair_id, "side": self.side, "reason": self.reason, "position": str(self.position)}
+        return {
+            "id": self.pair_id,
+            "side": self.side,
+            "reason": self.reason,
+            "position": position_text(self.position),
+        }
 
 
 @dataclass

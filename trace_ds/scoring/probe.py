@@ -31,13 +31,18 @@ def build_probe(pairs: list[Pair], size: int, seed: int) -> list[Pair]:
     by_category: dict[str, list[Pair]] = {"inversion": [], "suppression": [], "retention": []}
     for pair in pairs:
         by_category[category_of(pair)].append(pair)
-    third = size // 3
-    need = {"retention": third, "inversion": third, "suppression": size - 2 * third}
+    need = _probe_shares(size)
     for name, count in need.items():
         if len(by_category[name]) < count:
+            have = {category: len(members) for category, members in by_category.items()}
+            fits = largest_probe_size(have)
+            fix = (
+                f"use --probe-size {fits} (the largest this file allows)"
+                if fits is not None
+                else "a built probe needs at least one pair of each category; pass a curated --probe file"
+            )
             raise TraceError(
-                f"--probe-size {size} needs {count} {name} pairs but the triaged file has {len(by_category[name])}; "
-                "lower --probe-size or pass a curated --probe file"
+                f"--probe-size {size} needs {count} {name} pairs but the triaged file has {have[name]}; {fix}"
             )
     rng = random.Random(seed)
     retention = rng.sample(by_category["retention"], need["retention"])
@@ -52,6 +57,20 @@ def build_probe(pairs: list[Pair], size: int, seed: int) -> list[Pair]:
     for pair in suppression:
         probe.append(_probe_record(pair, rng.choice(pool), pair.chosen, pair.id, prefix="probe-"))
     return probe
+
+
+def _probe_shares(size: int) -> dict[str, int]:
+    """Algorithm 2's split of a probe of ``size`` pairs: a third each, the remainder to suppression."""
+    third = size // 3
+    return {"retention": third, "inversion": third, "suppression": size - 2 * third}
+
+
+def largest_probe_size(available: dict[str, int]) -> int | None:
+    """The largest --probe-size whose shares ``available`` pairs per category can fill (None below 3)."""
+    size = sum(available.values())
+    while size >= 3 and any(available.get(c, 0) < n for c, n in _probe_shares(size).items()):
+        size -= 1
+    return size if size >= 3 else None
 
 
 def _probe_record(pair: Pair, chosen: object, rejected: object, source_id: str, prefix: str = "") -> Pair:

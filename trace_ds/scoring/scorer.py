@@ -177,8 +177,9 @@ def normalize_weights(scored: list[Scored], mode: str, allow_empty: bool) -> Non
             if not allow_empty:
                 raise TraceError(
                     f"every {name} score is <= 0: no {name} pair lowers the probe loss to first order, so that "
-                    "category would get no update. Check the probe (does it cover this category?) and --beta; "
-                    "or pass --allow-empty to continue with zero weights"
+                    "category would get no update. Check the probe (does it cover this category? a larger --probe-size or "
+                    "a curated --probe file); --beta only rescales the scores at the reference weights, so it "
+                    "cannot change their sign. Or pass --allow-empty to continue with zero weights"
                 )
             for s in group:
                 s.weight = 0.0
