@@ -24,6 +24,8 @@ ENV_VARS = (
     "MKL_NUM_THREADS",
     "ATEN_CPU_CAPABILITY",
     "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
     "CUBLAS_WORKSPACE_CONFIG",
 )
 PACKAGES = ("torch", "deepspeed", "transformers", "datasets", "triton", "numpy", "tokenizers")
