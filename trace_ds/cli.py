@@ -130,6 +130,26 @@ def judge() -> None:
     """Offline judge: export requests, parse responses into verdicts, or run a local model as the judge."""
 
 
+def _judged_items(
+    pairs_source: str | None,
+    generations: str | None,
+    columns: tuple[str, ...],
+    on_bad_record: str,
+    split: str | None,
+) -> tuple[Any, tuple[str, ...]]:
+    """What a judge command judges: both responses of each pair, or each generation of ``trace-ds eval``
+    (as a pair whose chosen side is the generation)."""
+    from trace_ds.data.pairs import PairSet, read_pairs
+    from trace_ds.judge.export import generations_as_pairs
+
+    if (pairs_source is None) == (generations is None):
+        raise TraceError("give --pairs or --generations (exactly one)")
+    if generations is not None:
+        return PairSet(generations_as_pairs(generations), [], generations), ("chosen",)
+    pair_set = read_pairs(pairs_source, _columns(columns), on_bad_record, split=split)  # type: ignore[arg-type]
+    return pair_set, ("chosen", "rejected")
+
+
 @judge.command("export")
 @click.option("--pairs", "pairs_source", default=None, help="Pairs file, saved dataset or hub id.")
 @click.option(
@@ -165,18 +185,11 @@ def judge_export(
     split: str | None,
 ) -> None:
     """Write one judge request per response (two per pair, one per generation)."""
-    from trace_ds.data.pairs import PairSet, read_pairs, write_rejects
+    from trace_ds.data.pairs import write_rejects
     from trace_ds.io import write_jsonl
-    from trace_ds.judge.export import build_requests, generations_as_pairs, load_template
+    from trace_ds.judge.export import build_requests, load_template
 
-    if (pairs_source is None) == (generations is None):
-        raise TraceError("give --pairs or --generations (exactly one)")
-    if generations is not None:
-        pair_set = PairSet(generations_as_pairs(generations), [], generations)
-        sides: tuple[str, ...] = ("chosen",)
-    else:
-        pair_set = read_pairs(pairs_source, _columns(columns), on_bad_record, split=split)  # type: ignore[arg-type]
-        sides = ("chosen", "rejected")
+    pair_set, sides = _judged_items(pairs_source, generations, columns, on_bad_record, split)
     requests = list(
         build_requests(
             pair_set.pairs,
@@ -261,21 +274,14 @@ def judge_run(
 ) -> None:
     """Judge pairs, or eval's generations for TPA, with a local model (greedy, batched, resumable: rerun the
     same command after a kill)."""
-    from trace_ds.data.pairs import PairSet, read_pairs, write_rejects
-    from trace_ds.judge.export import generations_as_pairs, load_template
+    from trace_ds.data.pairs import write_rejects
+    from trace_ds.judge.export import load_template
     from trace_ds.judge.local import run_local_judge
     from trace_ds.judge.parse import write_parse_result
 
     if batch_size < 1 or max_new_tokens < 1:
         raise TraceError("--batch-size and --max-new-tokens must be at least 1")
-    if (pairs_source is None) == (generations is None):
-        raise TraceError("give --pairs or --generations (exactly one)")
-    if generations is not None:
-        pair_set = PairSet(generations_as_pairs(generations), [], generations)
-        sides: tuple[str, ...] = ("chosen",)
-    else:
-        pair_set = read_pairs(pairs_source, _columns(columns), on_bad_record, split=split)  # type: ignore[arg-type]
-        sides = ("chosen", "rejected")
+    pair_set, sides = _judged_items(pairs_source, generations, columns, on_bad_record, split)
     result = run_local_judge(
         model,
         pair_set.pairs,
