@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from trace_ds.config import ScoreConfig
+from trace_ds.data.tokenize import TokenizedPair
 from trace_ds.io import free_port, trace_ds_command
+from trace_ds.losses import npo_loss, relational_loss, sequence_logps, suppression_loss
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -68,3 +76,102 @@ def torchrun_node_commands(nnodes: int, *trace_ds_args: str) -> list[list[str]]:
         ]
         for node_rank in range(nnodes)
     ]
+
+
+# ---- impact scores: the ghost scorer and its fp64 per-pair autograd reference (docs/method.md) ----
+
+
+def random_pairs(n: int, seed: int, prefix: str = "p", vocab: int = 97, low: int = 4) -> list[TokenizedPair]:
+    """``n`` tokenized pairs: BOS (1) + a random prompt, responses ending with EOS (2); other ids drawn from
+    ``[low, vocab)`` (``low`` <= 3 lets the special ids appear inside sequences too)."""
+    rng = random.Random(seed)
+
+    def ids(k: int) -> list[int]:
+        return [rng.randrange(low, vocab) for _ in range(k)]
+
+    return [
+        TokenizedPair(
+            f"{prefix}{i}",
+            [1, *ids(rng.randint(1, 6))],
+            [*ids(rng.randint(1, 7)), 2],
+            [*ids(rng.randint(1, 7)), 2],
+        )
+        for i in range(n)
+    ]
+
+
+def score_config(**kwargs) -> ScoreConfig:
+    """An in-memory ScoreConfig (micro-batch 4, the torch kernel unless given)."""
+    return ScoreConfig(
+        model="in-memory",
+        triaged="in-memory",
+        out="unused",
+        micro_batch=kwargs.pop("micro_batch", 4),
+        kernel=kwargs.pop("kernel", "torch"),
+        **kwargs,
+    )
+
+
+def ghost_scores(
+    model: torch.nn.Module,
+    probe: Sequence[TokenizedPair],
+    pairs: Sequence[TokenizedPair],
+    categories: Sequence[str],
+    cfg: ScoreConfig | None = None,
+    pad_id: int = 0,
+) -> list[float]:
+    """Raw scores from the ghost scorer, micro-batch by micro-batch."""
+    from trace_ds.scoring.scorer import GhostScorer
+
+    cfg = cfg or score_config()
+    scorer = GhostScorer(model, pad_id=pad_id, config=cfg)
+    scorer.probe_gradient(probe)
+    out: list[float] = []
+    for start in range(0, len(pairs), cfg.micro_batch):
+        out += scorer.score(
+            pairs[start : start + cfg.micro_batch], categories[start : start + cfg.micro_batch]
+        )
+    return out
+
+
+def reference_loss(model, pair: TokenizedPair, category: str, cfg: ScoreConfig) -> torch.Tensor:
+    """Per-pair loss with plain autograd, one pair at a time, no padding (test reference only)."""
+    logps = []
+    for response in (pair.chosen_ids, pair.rejected_ids):
+        ids = torch.tensor([pair.prompt_ids + response])
+        logits = model(input_ids=ids).logits
+        labels = torch.zeros_like(ids)
+        labels[0, :-1] = ids[0, 1:]
+        mask = torch.zeros(ids.shape, dtype=torch.float64)
+        mask[0, len(pair.prompt_ids) - 1 : ids.shape[1] - 1] = 1
+        logps.append(sequence_logps(logits, labels, mask)[0])
+    rc, rr = (lp - lp.detach() for lp in logps)
+    if category == "suppression":
+        return suppression_loss(rc, rr, cfg.beta)
+    if category == "unlearning":
+        return npo_loss(rc, cfg.beta)
+    return relational_loss(rc - rr, cfg.beta, cfg.relational)
+
+
+def reference_scores(model, probe, pairs, categories, cfg: ScoreConfig):
+    """fp64 per-pair gradients g_i and G; returns scores, ||g_i|| and ||G||."""
+    model64 = copy.deepcopy(model).double()
+    params = [p for p in model64.parameters() if p.requires_grad]
+    probe_loss = sum(reference_loss(model64, p, "inversion", cfg) for p in probe) / len(probe)
+    grad_j = torch.autograd.grad(probe_loss, params, allow_unused=True)
+    grad_j = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad_j, strict=True)]
+    g_norm = torch.sqrt(sum((g * g).sum() for g in grad_j))
+    scores, norms = [], []
+    for pair, category in zip(pairs, categories, strict=True):
+        grads = torch.autograd.grad(reference_loss(model64, pair, category, cfg), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        scores.append(float(sum((g * G).sum() for g, G in zip(grads, grad_j, strict=True))))
+        norms.append(float(torch.sqrt(sum((g * g).sum() for g in grads))))
+    return scores, norms, float(g_norm)
+
+
+def cosine_errors(
+    got: Sequence[float], want: Sequence[float], norms: Sequence[float], g_norm: float
+) -> list[float]:
+    """|s - s_ref| / (||g_i|| ||G||) per pair: the error in cosine units (docs/method.md, Checks)."""
+    return [abs(a - b) / (n * g_norm) for a, b, n in zip(got, want, norms, strict=True)]

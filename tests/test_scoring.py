@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
 
-from trace_ds.config import LoraConfig, ScoreConfig
-from trace_ds.data.tokenize import TokenizedPair
+from trace_ds.config import LoraConfig
 from trace_ds.io import TraceError
-from trace_ds.losses import npo_loss, relational_loss, sequence_logps, suppression_loss
 from trace_ds.scoring.scorer import GhostScorer, Scored, normalize_weights
+
+from .helpers import cosine_errors, ghost_scores, random_pairs, reference_loss, reference_scores
+from .helpers import score_config as config
 
 VOCAB = 97
 
@@ -48,82 +48,6 @@ def tiny_model(tied: bool, seed: int = 0, lora: bool = False) -> torch.nn.Module
     return model
 
 
-def random_pairs(n: int, seed: int, prefix: str = "p") -> list[TokenizedPair]:
-    rng = random.Random(seed)
-
-    def ids(k: int) -> list[int]:
-        return [rng.randrange(4, VOCAB) for _ in range(k)]
-
-    return [
-        TokenizedPair(
-            f"{prefix}{i}",
-            [1, *ids(rng.randint(1, 6))],
-            [*ids(rng.randint(1, 7)), 2],
-            [*ids(rng.randint(1, 7)), 2],
-        )
-        for i in range(n)
-    ]
-
-
-def config(**kwargs) -> ScoreConfig:
-    return ScoreConfig(
-        model="in-memory",
-        triaged="in-memory",
-        out="unused",
-        micro_batch=kwargs.pop("micro_batch", 4),
-        kernel=kwargs.pop("kernel", "torch"),
-        **kwargs,
-    )
-
-
-def ghost_scores(model, probe, pairs, categories, cfg: ScoreConfig | None = None) -> list[float]:
-    cfg = cfg or config()
-    scorer = GhostScorer(model, pad_id=0, config=cfg)
-    scorer.probe_gradient(probe)
-    out: list[float] = []
-    for start in range(0, len(pairs), cfg.micro_batch):
-        out += scorer.score(
-            pairs[start : start + cfg.micro_batch], categories[start : start + cfg.micro_batch]
-        )
-    return out
-
-
-def reference_loss(model, pair: TokenizedPair, category: str, cfg: ScoreConfig) -> torch.Tensor:
-    """Per-pair loss with plain autograd, one pair at a time (test reference only)."""
-    logps = []
-    for response in (pair.chosen_ids, pair.rejected_ids):
-        ids = torch.tensor([pair.prompt_ids + response])
-        logits = model(input_ids=ids).logits
-        labels = torch.zeros_like(ids)
-        labels[0, :-1] = ids[0, 1:]
-        mask = torch.zeros(ids.shape, dtype=torch.float64)
-        mask[0, len(pair.prompt_ids) - 1 : ids.shape[1] - 1] = 1
-        logps.append(sequence_logps(logits, labels, mask)[0])
-    rc, rr = (lp - lp.detach() for lp in logps)
-    if category == "suppression":
-        return suppression_loss(rc, rr, cfg.beta)
-    if category == "unlearning":
-        return npo_loss(rc, cfg.beta)
-    return relational_loss(rc - rr, cfg.beta, cfg.relational)
-
-
-def reference_scores(model, probe, pairs, categories, cfg: ScoreConfig):
-    """fp64 per-pair gradients g_i and G; returns scores, ||g_i|| and ||G||."""
-    model64 = copy.deepcopy(model).double()
-    params = [p for p in model64.parameters() if p.requires_grad]
-    probe_loss = sum(reference_loss(model64, p, "inversion", cfg) for p in probe) / len(probe)
-    grad_j = torch.autograd.grad(probe_loss, params, allow_unused=True)
-    grad_j = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad_j, strict=True)]
-    g_norm = torch.sqrt(sum((g * g).sum() for g in grad_j))
-    scores, norms = [], []
-    for pair, category in zip(pairs, categories, strict=True):
-        grads = torch.autograd.grad(reference_loss(model64, pair, category, cfg), params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        scores.append(float(sum((g * G).sum() for g, G in zip(grads, grad_j, strict=True))))
-        norms.append(float(torch.sqrt(sum((g * g).sum() for g in grads))))
-    return scores, norms, float(g_norm)
-
-
 CASES = {
     "untied": {"tied": False},
     "tied": {"tied": True},
@@ -143,7 +67,7 @@ def test_scores_equal_fp64_per_pair_autograd(case: str) -> None:
     categories = [("suppression", "inversion", "unlearning")[i % 3] for i in range(len(pairs))]
     got = ghost_scores(model, probe, pairs, categories, cfg)
     want, norms, g_norm = reference_scores(model, probe, pairs, categories, cfg)
-    errors = [abs(a - b) / (n * g_norm) for a, b, n in zip(got, want, norms, strict=True)]
+    errors = cosine_errors(got, want, norms, g_norm)
     assert max(errors) <= 1e-5, errors
     assert any(abs(w) > 1e-3 * n * g_norm for w, n in zip(want, norms, strict=True))  # not trivially zero
 
@@ -179,7 +103,7 @@ def test_padding_and_batch_composition_do_not_change_scores() -> None:
     reordered = ghost_scores(model, probe, pairs[::-1], categories[::-1], config(micro_batch=3))[::-1]
     _, norms, g_norm = reference_scores(model, probe, pairs, categories, config())
     for other in (alone, reordered):  # equal up to fp32 summation order, in cosine units
-        errors = [abs(a - b) / (n * g_norm) for a, b, n in zip(together, other, norms, strict=True)]
+        errors = cosine_errors(together, other, norms, g_norm)
         assert max(errors) <= 1e-5, errors
 
 
@@ -216,7 +140,7 @@ def test_model_level_scores_with_the_triton_kernel() -> None:
     with_torch = ghost_scores(model, probe, pairs, categories, config(kernel="torch"))
     with_triton = ghost_scores(model, probe, pairs, categories, config(kernel="triton"))
     _, norms, g_norm = reference_scores(model, probe, pairs, categories, config())
-    errors = [abs(a - b) / (n * g_norm) for a, b, n in zip(with_torch, with_triton, norms, strict=True)]
+    errors = cosine_errors(with_torch, with_triton, norms, g_norm)
     assert max(errors) <= 1e-5, errors
 
 
@@ -231,5 +155,5 @@ def test_gradient_checkpointing_gives_the_same_scores(lora: bool) -> None:
     enable_gradient_checkpointing(model)
     checkpointed = ghost_scores(model, probe, pairs, categories)
     _, norms, g_norm = reference_scores(model, probe, pairs, categories, config())
-    errors = [abs(a - b) / (n * g_norm) for a, b, n in zip(plain, checkpointed, norms, strict=True)]
+    errors = cosine_errors(plain, checkpointed, norms, g_norm)
     assert max(errors) <= 1e-6, errors

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from trace_ds.data.pairs import Pair, read_pairs, write_pairs, write_rejects
 from trace_ds.data.tokenize import TokenizedPair, tokenize_pair
 from trace_ds.io import TraceError, append_lines, dumps, iter_jsonl_lenient, write_json, write_jsonl
 from trace_ds.losses import conflict_losses, sequence_logps
-from trace_ds.scoring.ghost import GhostState, ProbeGradient, ghost_mode
+from trace_ds.scoring.fallback import report_fallback
+from trace_ds.scoring.ghost import GhostState, ProbeGradient, check_coverage, ghost_mode, names_listing
 from trace_ds.scoring.probe import build_probe, category_of, probe_source_ids
 
 CONFLICT = ("inversion", "suppression", "unlearning")  # unlearning: the w/o-triage baseline
@@ -94,11 +96,15 @@ class GhostScorer:
     def _run(self, pairs: Sequence[TokenizedPair], categories: Sequence[str], weight: float) -> torch.Tensor:
         batch = collate_pairs(pairs, self.pad_id).to(self.device)
         self.state.set_batch(batch.attention_mask)
+        for param in self.model.parameters():  # a .grad after the backward: a use outside ghost paths
+            if param.requires_grad:
+                param.grad = None
         with ghost_mode(self.model, self.state) as covered, torch.enable_grad():
             self.covered = covered
             chosen, rejected = batch_logps(self.model, batch)
             losses = pair_losses(chosen, rejected, categories, self.config.relational, self.config.beta)
             (losses.sum() * weight).backward()
+        check_coverage(self.model, self.state)
         assert self.state.scores is not None
         return self.state.scores
 
@@ -117,6 +123,18 @@ class GhostScorer:
         denominator = total or len(probe)
         for chunk in micro_batches(probe, self.config.micro_batch):
             self.probe_step(chunk, 1.0 / denominator)
+        return self.finish_probe()
+
+    def finish_probe(self) -> ProbeGradient:
+        """After the last probe step: G = 0 for every trainable parameter the probe pass never reached, with a
+        warning naming them (they add nothing to any score)."""
+        never = check_coverage(self.model, self.state)
+        if never:
+            warnings.warn(
+                f"{len(never)} trainable parameter(s) took no part in the probe pass, so their probe gradient "
+                f"is 0 and they add nothing to any score: {names_listing(never)}",
+                stacklevel=2,
+            )
         self.state.store.zeros_for([p for p in self.model.parameters() if p.requires_grad])
         return self.state.store
 
@@ -288,7 +306,7 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
     scorer.state.mode = "probe"
     for chunk in strategy.shard(probe_tokens, config.micro_batch):
         scorer.probe_step(chunk or dummy, 1.0 / len(probe_tokens) if chunk else 0.0)
-    scorer.state.store.zeros_for([p for p in module.parameters() if p.requires_grad])
+    scorer.finish_probe()
     probe_seconds = time.perf_counter() - t0
 
     if strategy.is_main and not paths["partial"].exists():
@@ -316,6 +334,7 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
                     append_lines(sink, (dumps({"id": i, "raw_score": v}) for i, v in finished))
                 bar.update(completed=len(done))
     score_seconds = time.perf_counter() - t0
+    fallback = report_fallback(scorer.state, strategy.is_main)  # modules on the generic path, their cost
 
     meta: dict[str, Any] = {}
     if strategy.is_main:
@@ -339,7 +358,10 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
             "scoring_s": round(score_seconds, 3),
             "total_s": round(time.perf_counter() - started, 3),
             "pairs_per_s": round(len(todo) / score_seconds, 3) if score_seconds > 0 and todo else None,
+            "ghost_fallback_s": fallback["seconds"] if fallback else 0.0,
         }
+        if fallback:
+            meta["ghost_fallback"] = fallback["classes"]
         write_json(paths["meta"], meta)
     if strategy.is_main:
         paths["partial"].unlink(missing_ok=True)
