@@ -8,13 +8,14 @@ dtype's tolerance). The check's inputs and the trained logits are saved beside i
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trace_ds.io import TraceError, write_json
-from trace_ds.models import DTYPES
+from trace_ds.models import DTYPES, forward_settings
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}  # max |logit diff| / max |logit|
 
@@ -42,7 +43,8 @@ def _trained_logits(trainer: Any, input_ids: torch.Tensor) -> torch.Tensor:
     module = trainer.engine.module
     module.eval()
     with torch.no_grad():
-        logits = module(input_ids=input_ids.to(trainer.strategy.device), use_cache=False).logits.float().cpu()
+        ids = input_ids.to(trainer.strategy.device)
+        logits = module(input_ids=ids, use_cache=False, **forward_settings(module)).logits.float().cpu()
     module.train()
     return logits
 
@@ -55,7 +57,7 @@ def export_trained(trainer: Any, out_dir: Path) -> dict[str, Any]:
     vocab = int(getattr(getattr(module, "config", None), "vocab_size", 32))
     input_ids = _check_batch(vocab)
     trained = _trained_logits(trainer, input_ids)
-    expected = {name: int(getattr(p, "ds_numel", p.numel())) for name, p in module.named_parameters()}
+    expected = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
     state = _consolidated_state_dict(trainer)
     summary: dict[str, Any] = {}
     if strategy.is_main:
@@ -80,20 +82,25 @@ def _cast(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]
 def _export_full(
     module: Any,
     state: dict[str, torch.Tensor],
-    expected: dict[str, int],
+    expected: dict[str, tuple[int, ...]],
     out_dir: Path,
     dtype: str,
     input_ids: torch.Tensor,
     trained: torch.Tensor,
 ) -> dict[str, Any]:
-    missing = [name for name, numel in expected.items() if name not in state or state[name].numel() != numel]
+    missing = [
+        name
+        for name, shape in expected.items()
+        if name not in state or state[name].numel() != math.prod(shape)
+    ]
     if missing:
         raise TraceError(
             f"export incomplete: {len(missing)} parameters missing or partial, e.g. {missing[:3]}"
         )
     module.save_pretrained(str(out_dir), state_dict=_cast(state, dtype))
     state.clear()  # rank 0 holds the full model once, not twice: freed before the saved copy is reloaded
-    return _verify_saved(out_dir, expected, dtype, input_ids, trained, kind="model")
+    prefix = getattr(module, "base_model_prefix", "model")
+    return _verify_saved(out_dir, expected, dtype, input_ids, trained, kind="model", prefix=prefix)
 
 
 def _export_adapter(
@@ -120,8 +127,10 @@ def _export_adapter(
     if trainer.config.merge_lora:
         merged = reloaded.merge_and_unload()
         merged.save_pretrained(str(out_dir))
-        expected = {name: p.numel() for name, p in merged.named_parameters()}
-        summary["merged"] = _verify_saved(out_dir, expected, dtype, input_ids, trained, kind="merged-model")
+        expected = {name: tuple(p.shape) for name, p in merged.named_parameters()}
+        summary["merged"] = _verify_saved(
+            out_dir, expected, dtype, input_ids, trained, kind="merged-model", prefix=merged.base_model_prefix
+        )
     return summary
 
 
@@ -140,25 +149,38 @@ def _plain_model(path: str, dtype: str) -> Any:
 
 def _verify_saved(
     out_dir: Path,
-    expected: dict[str, int],
+    expected: dict[str, tuple[int, ...]],
     dtype: str,
     input_ids: torch.Tensor,
     trained: torch.Tensor,
     kind: str,
+    prefix: str,
 ) -> dict[str, Any]:
+    """Every parameter saved with its full size (a fused MoE expert tensor as the per-expert tensors that
+    ``save_pretrained`` writes, see trace_ds.partitioned.tensor_sources), then the reloaded model's logits."""
     from safetensors import safe_open
 
-    saved: dict[str, int] = {}
+    from trace_ds.partitioned import tensor_sources
+
+    saved: dict[str, list[int]] = {}
     for file in sorted(out_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                saved[key] = torch.Size(handle.get_slice(key).get_shape()).numel()
-    missing = [name for name in expected if name not in saved]
-    wrong = [name for name in expected if name in saved and saved[name] != expected[name]]
-    total_expected, total_saved = (
-        sum(expected.values()),
-        sum(saved[name] for name in expected if name in saved),
-    )
+                saved[key] = list(handle.get_slice(key).get_shape())
+    missing: list[str] = []
+    wrong: list[str] = []
+    total_saved = 0
+    for name, shape in expected.items():
+        try:
+            keys = tensor_sources(name, shape, saved, prefix)
+        except TraceError:
+            wrong.append(name)
+            continue
+        if keys is None:
+            missing.append(name)
+        else:
+            total_saved += sum(math.prod(saved[key]) for key in keys)
+    total_expected = sum(math.prod(shape) for shape in expected.values())
     if missing or wrong or total_saved != total_expected:
         raise TraceError(
             f"export incomplete in {out_dir}: {len(missing)} missing, {len(wrong)} with the wrong size "
@@ -176,7 +198,7 @@ def _verify_saved(
 
 def _logit_check(model: Any, input_ids: torch.Tensor, trained: torch.Tensor, dtype: str) -> dict[str, Any]:
     with torch.no_grad():
-        logits = model(input_ids=input_ids, use_cache=False).logits.float()
+        logits = model(input_ids=input_ids, use_cache=False, **forward_settings(model)).logits.float()
     error = float((logits - trained).abs().max() / trained.abs().max().clamp(min=1e-12))
     if error > TOLERANCE[dtype]:
         raise TraceError(

@@ -51,6 +51,16 @@ def load_causal_lm(name: str, dtype: str = "float32") -> nn.Module:
     return model
 
 
+def forward_settings(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments for every forward and ``generate`` call trace-ds makes: MoE models (Mixtral,
+    Qwen3-MoE, ...) run with ``output_router_logits=False`` whatever their config says. Scores and training
+    losses are the heads' losses of the logits alone, never with the router's load-balancing auxiliary loss
+    (docs/compatibility.md), so it is not computed; and transformers' ``generate`` fails on a padded batch
+    when it is (the auxiliary loss's mask covers the whole sequence, the router logits the new token only)."""
+    moe = hasattr(getattr(model, "config", None), "output_router_logits")
+    return {"output_router_logits": False} if moe else {}
+
+
 def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     """Wrap ``model`` with fresh LoRA adapters (seeded); only the adapters stay trainable."""
     from peft import LoraConfig as PeftLoraConfig

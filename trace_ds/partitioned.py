@@ -5,7 +5,8 @@ checkpoint and broadcast each layer, so rank 0's host memory peaks at the full m
 built the same way (``from_config`` under transformers' DeepSpeed integration) and every rank copies the
 slice ``[rank * shard, (rank + 1) * shard)`` of each flattened weight straight from the safetensors file
 into its ``ds_tensor`` with positioned reads, through a bounded buffer: no collective, and no rank reads
-more than its share of the checkpoint.
+more than its share of the checkpoint. A fused MoE expert tensor is the concatenation of the per-expert
+tensors that ``save_pretrained`` writes (:func:`tensor_sources`), so it is read the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -116,13 +117,90 @@ class SafetensorsReader:
         return out.view(shape)
 
 
-def _checkpoint_key(name: str, keys: dict[str, Path], prefix: str) -> str | None:
+def _checkpoint_key(name: str, keys: Mapping[str, Any], prefix: str) -> str | None:
     """The checkpoint's name for model tensor ``name``, allowing a checkpoint saved with or without the
     base-model prefix (``model.``)."""
     for candidate in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
         if candidate in keys:
             return candidate
     return None
+
+
+# Fused MoE expert tensors (transformers 5: ``...experts.gate_up_proj`` of shape (E, 2I, H) and
+# ``...experts.down_proj`` of shape (E, H, I)) and the per-expert tensors of the layout ``save_pretrained``
+# writes and hub checkpoints hold: Qwen-MoE style ``mlp.experts.N.{gate,up,down}_proj.weight`` and Mixtral
+# style ``block_sparse_moe.experts.N.{w1,w3,w2}.weight``. transformers' own conversion (conversion_mapping.py,
+# "qwen2_moe" and "mixtral") stacks the experts (dim 0) and concatenates gate then up (dim 1), so the fused
+# tensor flattened is, expert by expert, gate flattened then up flattened: a plain concatenation of
+# checkpoint tensors, which each rank can read its slice of.
+EXPERT_LAYOUTS = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "down_proj": (("down_proj",), ("w2",)),
+}
+MOE_MODULE_ALIASES = {".mlp.": ".block_sparse_moe."}  # Mixtral checkpoints: mlp was block_sparse_moe
+
+
+def _aliases(name: str) -> list[str]:
+    names = [name]
+    for new, old in MOE_MODULE_ALIASES.items():
+        if new in name:
+            names.append(name.replace(new, old))
+    return names
+
+
+def tensor_sources(
+    name: str, shape: Sequence[int], shapes: Mapping[str, Sequence[int]], prefix: str
+) -> list[str] | None:
+    """The checkpoint tensors that make model tensor ``name`` (of ``shape``), in order: their flattened
+    concatenation is the tensor flattened. One key when the checkpoint has the model's own name (with or
+    without ``prefix``, the base-model prefix); one per expert and projection for a fused MoE expert tensor
+    stored per expert. None when the checkpoint has nothing for it. ``shapes``: every checkpoint tensor's shape.
+    A size that does not fit, or two layouts present at once, is an error naming the tensor."""
+    shape = tuple(int(n) for n in shape)
+    for alias in _aliases(name):
+        key = _checkpoint_key(alias, shapes, prefix)
+        if key is not None:
+            if math.prod(shapes[key]) != math.prod(shape):
+                raise TraceError(
+                    f"checkpoint tensor {key} has shape {list(shapes[key])} but the model's {name} has "
+                    f"{list(shape)}: the checkpoint does not belong to this config"
+                )
+            return [key]
+    module, _, projection = name.rpartition(".experts.")
+    if not module or projection not in EXPERT_LAYOUTS or len(shape) != 3:
+        return None
+    found: list[list[str]] = []
+    for parts in EXPERT_LAYOUTS[projection]:
+        for alias in _aliases(f"{module}.experts"):
+            candidates = [
+                _checkpoint_key(f"{alias}.{expert}.{part}.weight", shapes, prefix)
+                for expert in range(shape[0])
+                for part in parts
+            ]
+            keys = [key for key in candidates if key is not None]
+            if len(keys) == len(candidates):
+                found.append(keys)
+    if not found:
+        return None
+    keys = found[0]
+    per_expert = [list(shapes[key]) for key in keys]
+    fits = (
+        all(len(s) == 2 and s[1] == shape[2] for s in per_expert)
+        and sum(s[0] for s in per_expert[: len(keys) // shape[0]]) == shape[1]
+        and sum(math.prod(s) for s in per_expert) == math.prod(shape)
+    )
+    if len(found) > 1 or not fits:
+        problem = (
+            f"holds {len(found)} per-expert layouts for it"
+            if len(found) > 1
+            else f"has per-expert tensors of shape {per_expert[0]} that do not stack to {list(shape)}"
+        )
+        raise TraceError(
+            f"the checkpoint {problem} (model tensor {name}): partitioned loading cannot tell how they map; "
+            "load the model without ZeRO-3 and save its state_dict() with safetensors.torch.save_file, so the "
+            "checkpoint has the model's own tensor names"
+        )
+    return keys
 
 
 def _partition_rank(param: nn.Parameter) -> int:
@@ -141,28 +219,48 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]
                 yield f"{module_name}.{name}" if module_name else name, buffer, False
 
 
+def _read_sources(
+    readers: list[tuple[SafetensorsReader, str]], start: int, end: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Elements ``[start, end)`` of the flattened concatenation of checkpoint tensors, as (offset from
+    ``start``, chunk) pairs: only the tensors (and the parts of them) that overlap the range are read."""
+    first = 0
+    for reader, key in readers:
+        numel = math.prod(reader.shape(key))
+        lo, hi = max(start, first), min(end, first + numel)
+        if lo < hi:
+            for offset, chunk in reader.read(key, lo - first, hi - first):
+                yield lo - start + offset, chunk
+        first += numel
+
+
 def load_partitioned_weights(model: nn.Module, name: str, weight_map: dict[str, Path]) -> None:
-    """Fill a ``zero.Init``-built model from a safetensors checkpoint, each rank its own shards."""
+    """Fill a ``zero.Init``-built model from a safetensors checkpoint, each rank its own shards. Fused MoE
+    expert tensors are read from a checkpoint that stores them per expert (:func:`tensor_sources`)."""
     prefix = getattr(model, "base_model_prefix", "model")
     missing: list[str] = []
     readers: dict[Path, SafetensorsReader] = {}
     try:
+        for path in dict.fromkeys(weight_map.values()):
+            readers[path] = SafetensorsReader(path)
+        shapes = {key: readers[path].shape(key) for key, path in weight_map.items()}
         with torch.no_grad():
             for tensor_name, tensor, partitioned in _named_tensors(model):
-                key = _checkpoint_key(tensor_name, weight_map, prefix)
-                if key is None:
+                shape = tensor.ds_shape if partitioned else tensor.shape  # type: ignore[attr-defined]
+                keys = tensor_sources(tensor_name, shape, shapes, prefix)
+                if keys is None:
                     missing.append(tensor_name)
                     continue
-                path = weight_map[key]
-                reader = readers.setdefault(path, SafetensorsReader(path))
+                sources = [(readers[weight_map[key]], key) for key in keys]
                 if not partitioned:
-                    tensor.copy_(reader.tensor(key).reshape(tensor.shape))
+                    whole = torch.cat([reader.tensor(key).reshape(-1) for reader, key in sources])
+                    tensor.copy_(whole.reshape(tensor.shape))
                     continue
                 local = tensor.ds_tensor  # type: ignore[attr-defined]
                 numel = int(tensor.ds_numel)  # type: ignore[attr-defined]
                 shard = int(local.ds_numel)
                 start = shard * _partition_rank(tensor)  # type: ignore[arg-type]
-                for offset, chunk in reader.read(key, start, min(start + shard, numel)):
+                for offset, chunk in _read_sources(sources, start, min(start + shard, numel)):
                     local.narrow(0, offset, chunk.numel()).copy_(chunk)
     finally:
         for reader in readers.values():

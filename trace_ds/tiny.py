@@ -1,4 +1,5 @@
-"""Tiny tokenizers and Llama-architecture models, built locally for tests and the CPU demo.
+"""Tiny tokenizers and models (Llama, and every model family in :data:`FAMILIES`), built locally for tests
+and the CPU demo.
 
 Nothing here touches a model hub: the tokenizer is a sentencepiece BPE model trained on the given texts and
 the model is a randomly initialised ``LlamaForCausalLM``. Both are saved as an ordinary Hugging Face folder,
@@ -266,6 +267,71 @@ def build_tiny_pair(
         **model_kwargs,
     )
     return out_dir
+
+
+# The model families trace-ds is tested on (docs/compatibility.md): transformers model types and the
+# config keys that make each one small. Mistral and the Gemmas get a short sliding window (so it is
+# exercised by sequences of the tests' lengths); Gemma 3 text gets one sliding and one full-attention layer.
+FAMILIES: dict[str, dict[str, object]] = {
+    "llama": {},
+    "mistral": {"sliding_window": 16},
+    "qwen2": {},
+    "qwen3": {"tie_word_embeddings": True},  # as Qwen3-0.6B to 4B
+    "gemma": {},
+    "gemma2": {"sliding_window": 16},
+    "gemma3_text": {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+    "phi3": {},
+    "olmo2": {},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+    },
+}  # fmt: skip
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
+
+
+def build_tiny_family(
+    out_dir: str | os.PathLike,
+    family: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    noise: float = 0.05,
+    **overrides: object,
+) -> torch.nn.Module:
+    """A tiny random model of ``family`` (a key of :data:`FAMILIES`) built with transformers' own classes
+    (``AutoConfig.for_model`` + ``AutoModelForCausalLM.from_config``), saved with ``tokenizer`` as a normal
+    Hugging Face folder (safetensors, as ``save_pretrained`` writes it); returns the model.
+
+    The vocabulary and special ids are the tokenizer's. Every parameter is then moved away from its initial
+    value by ``noise`` x N(0, 1) (norm weights start at exactly 1 or 0, biases at 0: a test that mixed up
+    two of them would otherwise pass). ``overrides`` go to the config. Seeded under a forked RNG.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if family not in FAMILIES:
+        raise ValueError(f"build_tiny_family: unknown family {family!r}; use one of {sorted(FAMILIES)}")
+    settings: dict[str, object] = {
+        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, **FAMILIES[family], **overrides,
+    }  # fmt: skip
+    config = AutoConfig.for_model(family, **settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(noise * torch.randn_like(param))
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return model
 
 
 def _iter_default_corpus() -> Iterator[str]:

@@ -44,33 +44,41 @@ def _import_model_class(name: str) -> None:
 
 
 def _verify_against_checkpoint(model: torch.nn.Module, name: str) -> int:
-    """Gather each parameter in turn and compare it with the checkpoint tensor; returns how many matched."""
+    """Gather each parameter in turn and compare it with the checkpoint tensor (for a fused MoE expert tensor
+    stored per expert, the concatenation of its per-expert tensors); returns how many matched."""
     import deepspeed
     from safetensors import safe_open
 
-    from trace_ds.partitioned import SafetensorsReader, _checkpoint_key, safetensors_weight_map
+    from trace_ds.partitioned import SafetensorsReader, safetensors_weight_map, tensor_sources
 
     weight_map = safetensors_weight_map(name) or {}
+    shapes: dict[str, list[int]] = {}
+    for path in set(weight_map.values()):
+        with safe_open(str(path), "pt") as handle:
+            shapes.update({key: list(handle.get_slice(key).get_shape()) for key in handle.keys()})  # noqa: SIM118
     prefix = getattr(model, "base_model_prefix", "model")
     checked = 0
     for tensor_name, param in model.named_parameters():
-        key = _checkpoint_key(tensor_name, weight_map, prefix)
-        if key is None:
+        keys = tensor_sources(tensor_name, getattr(param, "ds_shape", param.shape), shapes, prefix)
+        if keys is None:
             raise TraceError(f"{name}: no checkpoint tensor for {tensor_name}")
-        with deepspeed.zero.GatheredParameters([param]), safe_open(str(weight_map[key]), "pt") as handle:
-            expected = handle.get_tensor(key).to(param.dtype)
+        pieces, read = [], []
+        for key in keys:
+            with safe_open(str(weight_map[key]), "pt") as handle:
+                pieces.append(handle.get_tensor(key).reshape(-1))
+            reader = SafetensorsReader(weight_map[key])
+            try:
+                read.append(reader.tensor(key).reshape(-1))
+            finally:
+                reader.close()
+            if not torch.equal(read[-1], pieces[-1]):
+                raise TraceError(f"{weight_map[key]}: {key} read differently from safetensors' own reader")
+        with deepspeed.zero.GatheredParameters([param]):
+            expected = torch.cat(pieces).to(param.dtype).reshape(param.shape)
             if not torch.equal(param.detach().cpu(), expected):
                 raise TraceError(
                     f"{name}: {tensor_name} differs from the checkpoint after partitioned loading"
                 )
-            reader = SafetensorsReader(weight_map[key])
-            try:
-                if not torch.equal(reader.tensor(key), handle.get_tensor(key)):
-                    raise TraceError(
-                        f"{weight_map[key]}: {key} read differently from safetensors' own reader"
-                    )
-            finally:
-                reader.close()
         checked += 1
     return checked
 

@@ -31,7 +31,9 @@ class PairBatch:
         return len(self.ids)
 
     def logits(self, model: torch.nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``model``'s logits for the batch (or the given rows of it): the one way every stage calls a model."""
+        """``model``'s logits for the batch (or the given rows of it): the one way every stage calls a model
+        (MoE models without the router's auxiliary loss: trace_ds.models.forward_settings)."""
+        from trace_ds.models import forward_settings
 
         def pick(tensor: torch.Tensor) -> torch.Tensor:
             return tensor if rows is None else tensor.index_select(0, rows)
@@ -41,6 +43,7 @@ class PairBatch:
             attention_mask=pick(self.attention_mask),
             position_ids=pick(self.position_ids),
             use_cache=False,
+            **forward_settings(model),
         ).logits
 
     def to(self, device: torch.device | str) -> PairBatch:

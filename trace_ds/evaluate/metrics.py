@@ -14,6 +14,7 @@ from torch import nn
 from trace_ds.data.batching import collate_pairs, left_padded
 from trace_ds.data.pairs import Pair
 from trace_ds.data.tokenize import TokenizeConfig, encode_prompt, tokenize_pair
+from trace_ds.models import forward_settings
 from trace_ds.train import STAT_KEYS, compute_losses, summarise_stats
 
 
@@ -122,6 +123,7 @@ def generate(
                     pad_token_id=pad,
                     eos_token_id=tokenizer.eos_token_id,
                     synced_gpus=strategy.world_size > 1,
+                    **forward_settings(model),
                 )
             if live:
                 rows = out[:, width:].tolist()
@@ -190,7 +192,8 @@ def perplexity(
             width = max(len(ids) for ids in encoded)
             ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=device)
             mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **forward_settings(model))
+            logits = logits.logits[:, :-1].float()
             valid = mask[:, 1:].bool().reshape(-1)
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"

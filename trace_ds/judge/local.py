@@ -20,6 +20,7 @@ from trace_ds.io import BadRecord, append_lines, dumps, iter_jsonl_lenient, writ
 from trace_ds.judge.export import build_requests
 from trace_ds.judge.parse import ParseResult, parse_responses
 from trace_ds.judge.verdicts import SIDES
+from trace_ds.models import forward_settings
 
 
 def responses_path(out: str | Path) -> Path:
@@ -122,6 +123,7 @@ def _judge_batch(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,
+                **forward_settings(model),
             )
         for (request, _), row in zip(runnable, generated[:, width:].tolist(), strict=True):
             text = tokenizer.decode(row, skip_special_tokens=True)
