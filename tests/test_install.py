@@ -84,6 +84,7 @@ def _clean_env(venv: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(venv)
+    env["TORCH_EXTENSIONS_DIR"] = str(venv / "torch_extensions")  # never rebuild the test venv's ops in place
     env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
