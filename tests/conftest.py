@@ -30,3 +30,20 @@ def plain_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("plain_tok")
     train_tokenizer(default_corpus(), out, vocab_size=512, chat_template=False)
     return out
+
+
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_launch_env():
+    """A stage run in this process forms a one-rank group and sets RANK, MASTER_PORT, ... in os.environ; a
+    later test's subprocess must not inherit them (it would try to bind the port this process still holds).
+    Restored after every test, whatever it did."""
+    before = {key: os.environ.get(key) for key in LAUNCH_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -70,14 +70,6 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture
-def one_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """run_train in this process sets RANK, MASTER_PORT, ... for its one-rank group: undo that afterwards, so
-    later tests' subprocesses do not inherit them."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-
-
 def heads_only_first_step_loss() -> float:
     """At step 1 the policy is the reference, so every reward is 0: IPO gives (0 - 1/(2 beta))^2 per inversion
     pair, NPO -(2/beta) log sigmoid(0) per suppressed response (two per pair), the KL 0; weighted, over 6 pairs."""
@@ -90,7 +82,7 @@ def heads_only_first_step_loss() -> float:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_training_export_reloads_in_transformers_with_the_trained_logits(
-    family: str, families: dict[str, Path], pairs: dict[str, Path], tmp_path: Path, one_process_env: None
+    family: str, families: dict[str, Path], pairs: dict[str, Path], tmp_path: Path
 ) -> None:
     from transformers import AutoModelForCausalLM
 
