@@ -175,3 +175,22 @@ def cosine_errors(
 ) -> list[float]:
     """|s - s_ref| / (||g_i|| ||G||) per pair: the error in cosine units (docs/method.md, Checks)."""
     return [abs(a - b) / (n * g_norm) for a, b, n in zip(got, want, norms, strict=True)]
+
+
+def score_on_two_ranks(args: list[str], out: Path, extra_env: dict[str, str] | None = None) -> None:
+    """``trace-ds score ARGS --out OUT`` on 2 CPU ranks under ZeRO-3 (ds_configs/cpu.json), in its own process
+    session and under a hard timeout."""
+    config = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json"
+    command = deepspeed_command(2, "score", *args, "--out", str(out), "--deepspeed", str(config))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", **(extra_env or {})}
+    run = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=540, start_new_session=True
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def assert_same_raw_scores(a: list[dict], b: list[dict], rel: float = 1e-5) -> None:
+    """Two score files list the same pairs, with raw scores equal within ``rel`` of the largest score."""
+    assert [x["id"] for x in a] == [x["id"] for x in b]
+    scale = max(abs(x["raw_score"]) for x in a)
+    assert max(abs(x["raw_score"] - y["raw_score"]) for x, y in zip(a, b, strict=True)) <= rel * scale

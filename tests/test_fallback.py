@@ -17,7 +17,15 @@ from trace_ds.scoring import fallback
 from trace_ds.scoring.ghost import GhostState, ProbeGradient, ghost_mode
 from trace_ds.scoring.scorer import GhostScorer
 
-from .helpers import cosine_errors, ghost_scores, random_pairs, reference_scores, score_config
+from .helpers import (
+    assert_same_raw_scores,
+    cosine_errors,
+    ghost_scores,
+    random_pairs,
+    reference_scores,
+    score_config,
+    score_on_two_ranks,
+)
 from .test_scoring import tiny_model
 
 METHODS = fallback.METHODS
@@ -431,14 +439,11 @@ def test_zero3_two_ranks_on_the_fallback_equal_one_process_on_the_dedicated_path
 ) -> None:
     """Every module forced onto the fallback under 2-rank ZeRO-3 (partitioned parameters and G): the scores
     of one process on the dedicated paths."""
-    import os
-    import subprocess
 
     from click.testing import CliRunner
 
     from trace_ds.cli import main
 
-    from .helpers import deepspeed_command
     from .helpers import read_lines as lines
 
     model, triaged = tiny_run_inputs(tmp_path, n=24)
@@ -449,22 +454,9 @@ def test_zero3_two_ranks_on_the_fallback_equal_one_process_on_the_dedicated_path
     assert result.exit_code == 0, result.output
 
     two = tmp_path / "two" / "s.jsonl"
-    config = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json"
-    command = deepspeed_command(2, "score", *args, "--out", str(two), "--deepspeed", str(config))
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        fallback.FORCE_ENV: "Linear,Embedding,RMSNorm",
-        fallback.METHOD_ENV: method,
-    }
-    run = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=540, start_new_session=True
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    a, b = lines(one), lines(two)
-    assert [x["id"] for x in a] == [x["id"] for x in b]
-    scale = max(abs(x["raw_score"]) for x in a)
-    assert max(abs(x["raw_score"] - y["raw_score"]) for x, y in zip(a, b, strict=True)) <= 1e-5 * scale
+    forced = {fallback.FORCE_ENV: "Linear,Embedding,RMSNorm", fallback.METHOD_ENV: method}
+    score_on_two_ranks(args, two, forced)
+    assert_same_raw_scores(lines(one), lines(two))
     meta = json.loads((tmp_path / "two" / "s.meta.json").read_text())
     assert (meta["world_size"], meta["zero_stage"]) == (2, 3)
     assert set(meta["ghost_fallback"]) == {"Linear", "Embedding", "LlamaRMSNorm"}

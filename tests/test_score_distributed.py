@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from trace_ds.cli import main
 from trace_ds.synth.generator import build_benchmark
 from trace_ds.triage import run_triage
 
-from .helpers import deepspeed_command
+from .helpers import assert_same_raw_scores, score_on_two_ranks
 from .helpers import read_lines as lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,25 +52,9 @@ def test_zero3_two_ranks_equal_one_process(tiny_model_dir: Path, tmp_path: Path,
     assert result.exit_code == 0, result.output
 
     two = tmp_path / "two" / "s.jsonl"
-    command = deepspeed_command(
-        2,
-        "score",
-        *args,
-        "--out",
-        str(two),
-        "--deepspeed",
-        str(REPO / "ds_configs" / "cpu.json"),
-    )
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    run = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=540, start_new_session=True
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
+    score_on_two_ranks(args, two)
     a, b = lines(one), lines(two)
-    assert [x["id"] for x in a] == [x["id"] for x in b]
-    scale = max(abs(x["raw_score"]) for x in a)
-    assert max(abs(x["raw_score"] - y["raw_score"]) for x, y in zip(a, b, strict=True)) <= 1e-5 * scale
+    assert_same_raw_scores(a, b)
     assert [x["weight"] for x in a] == pytest.approx([y["weight"] for y in b], rel=1e-4, abs=1e-6)
     meta_one = json.loads((tmp_path / "one" / "s.meta.json").read_text())
     meta_two = json.loads((tmp_path / "two" / "s.meta.json").read_text())
