@@ -1,17 +1,20 @@
-"""Exact ghost scores on the dense model families users bring, built from transformers' own classes.
+"""Exact ghost scores on the model families users bring (dense and MoE), built from transformers' own classes.
 
 Tiny random models (no hub) of each family, every parameter moved away from its initial value (norm weights
 start at exactly 1, or 0 for Gemma's (1 + w), where a wrong formula can hide), with heads != length !=
 head_dim so that a layout mix-up cannot cancel. Scores are checked against the fp64 per-pair autograd
-reference of tests/helpers.py; ghost-mode logits against the plain model's, bitwise.
+reference of tests/helpers.py; ghost-mode logits against the plain model's, bitwise. The MoE families' experts
+and routers have no dedicated path: they take the generic fallback (scoring/fallback.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import re
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -46,6 +49,14 @@ FAMILIES: dict[str, dict] = {
         "logits_scaling": 2.0,
         "residual_multiplier": 0.5,
         "attention_multiplier": 0.2,
+    },
+    # MoE: 4 experts, top 2, every layer sparse; experts as transformers runs them by default (grouped_mm)
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
     },
 }
 CASES = [(family, tied) for family in FAMILIES for tied in (False, True)]
@@ -94,6 +105,22 @@ def categories_for(pairs: list) -> list[str]:
     return [("suppression", "inversion", "unlearning")[i % 3] for i in range(len(pairs))]
 
 
+@contextlib.contextmanager
+def eager_experts(model: nn.Module) -> Iterator[None]:
+    """MoE experts on transformers' eager loop while the fp64 reference runs (grouped_mm has no fp64 kernel);
+    the ghost scores themselves use the model's default implementation."""
+    config = model.config
+    if getattr(config, "_experts_implementation", None) is None:
+        yield
+        return
+    default = config._experts_implementation
+    config._experts_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._experts_implementation = default
+
+
 def assert_exact(model: nn.Module, probe, pairs, pad_id: int = PAD, unreached: str | None = None) -> None:
     """Ghost scores within 1e-6 cosine units of the fp64 per-pair reference, and not trivially zero. The probe
     pass reaches every trainable parameter (no coverage warning), or warns matching ``unreached``."""
@@ -107,7 +134,8 @@ def assert_exact(model: nn.Module, probe, pairs, pad_id: int = PAD, unreached: s
         assert not coverage, coverage
     else:
         assert len(coverage) == 1 and re.search(unreached, coverage[0]), coverage
-    want, norms, g_norm = reference_scores(model, probe, pairs, categories, cfg)
+    with eager_experts(model):
+        want, norms, g_norm = reference_scores(model, probe, pairs, categories, cfg)
     errors = cosine_errors(got, want, norms, g_norm)
     assert max(errors) <= 1e-6, errors
     assert any(abs(w) > 1e-3 * n * g_norm for w, n in zip(want, norms, strict=True))

@@ -76,7 +76,7 @@ def test_wheel_holds_every_module_and_template(built_wheel: Path) -> None:
     assert sorted(listed - wanted) == [], "in the wheel but not in the source tree"
     with zipfile.ZipFile(built_wheel) as archive:
         (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
-        assert "trace-ds = trace_ds.cli:main" in archive.read(entry_points).decode()
+        assert "trace-ds = trace_ds.cli:run_cli" in archive.read(entry_points).decode()
 
 
 def _clean_env(venv: Path) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -994,5 +995,30 @@ def demo(out: str, n_pairs: int, seed: int, ranks: int, all_baselines: bool) -> 
     _print_pipeline_summary(pipeline, pipeline.run())
 
 
+def run_cli() -> None:
+    """The ``trace-ds`` console entry point: :func:`main`, and a finished rank of a multi-process launch
+    leaves without interpreter teardown. There, gloo's (and DeepSpeed's) C++ threads were now and then
+    destroyed unjoined ("terminate called without an active exception", SIGABRT), failing a launch whose work
+    and outputs were complete, even with the process group destroyed first (seen in CI twice)."""
+    try:
+        main()
+    except SystemExit as done:
+        if done.code in (0, None) and _in_multi_rank_launch():
+            import logging
+
+            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(0)
+        raise
+
+
+def _in_multi_rank_launch() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
 if __name__ == "__main__":
-    main()
+    run_cli()
