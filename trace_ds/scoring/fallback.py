@@ -498,6 +498,22 @@ def _scores_jvp(
     return scores
 
 
+def _row_layouts(call: _Call, inputs: list[torch.Tensor]) -> tuple[int, int, list[str]]:
+    """The batch's rows and length, and how each input is laid out along them (the per-row methods)."""
+    rows, length = _shape(call.plan.state)
+    return rows, length, [_input_layout(t, rows, length) for t in inputs]
+
+
+def _batched_outputs(
+    call: _Call, inputs: list[torch.Tensor], batched: list[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """The module's batched outputs (what the per-row runs must agree with), computed here unless given."""
+    if batched is not None:
+        return batched
+    with torch.no_grad():
+        return call.run([t.detach() for t in inputs])
+
+
 def _scores_vmap(
     call: _Call,
     inputs: list[torch.Tensor],
@@ -508,9 +524,8 @@ def _scores_vmap(
 ) -> torch.Tensor:
     """Per-row gradients of P (vmap over rows of vjp), each dotted with G."""
     plan = call.plan
-    rows, length = _shape(plan.state)
+    rows, length, layouts = _row_layouts(call, inputs)
     names = [n for n, _ in own]
-    layouts = [_input_layout(t, rows, length) for t in inputs]
     rowed = [
         t.detach() if kind == "shared" else _by_row(t.detach(), kind, rows, length)
         for t, kind in zip(inputs, layouts, strict=True)
@@ -531,9 +546,7 @@ def _scores_vmap(
     grads, outs = torch.func.vmap(per_row, in_dims=(None, in_dims, 0))(
         tuple(p.detach() for _, p in own), rowed, row_cots
     )
-    if batched is None:
-        with torch.no_grad():
-            batched = call.run([t.detach() for t in inputs])
+    batched = _batched_outputs(call, inputs, batched)
     for i, out in zip(index, outs, strict=True):
         if not _agree(_by_row(batched[i], call.layouts[i], rows, length), out):
             raise _mixes_rows(plan)
@@ -553,12 +566,9 @@ def _scores_rows(
 ) -> torch.Tensor:
     """One row at a time with plain autograd: <grad of the row's output . delta, G>."""
     plan = call.plan
-    rows, length = _shape(plan.state)
-    layouts = [_input_layout(t, rows, length) for t in inputs]
+    rows, length, layouts = _row_layouts(call, inputs)
     params = [p for _, p in own]
-    if batched is None:
-        with torch.no_grad():
-            batched = call.run([t.detach() for t in inputs])
+    batched = _batched_outputs(call, inputs, batched)
     scores = torch.zeros(rows, dtype=torch.float32, device=cots[0][2].device)
     for r in range(rows):
         with torch.enable_grad():
@@ -595,11 +605,9 @@ def _check_rows_once(call: _Call, inputs: list[torch.Tensor], batched: list[torc
     plan = call.plan
     if plan.cls in _rows_checked:
         return
-    rows, length = _shape(plan.state)
-    layouts = [_input_layout(t, rows, length) for t in inputs]
+    rows, length, layouts = _row_layouts(call, inputs)
+    batched = _batched_outputs(call, inputs, batched)
     with torch.no_grad():
-        if batched is None:
-            batched = call.run([t.detach() for t in inputs])
         for r in range(rows):
             try:
                 outs = call.run(
