@@ -214,10 +214,14 @@ def test_data_dependent_routing_goes_row_by_row(monkeypatch: pytest.MonkeyPatch)
     assert fallback._first_method[TinyMoE] == METHODS.index("rows")  # not retried on every call
 
 
-def test_a_moe_family_works_without_a_code_change(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tiny Mixtral: its router and its expert tensors have no dedicated path. With transformers' grouped_mm
-    experts (no forward-AD formula) the experts move on to vmap; with the eager experts (a loop over the experts
-    hit) forward mode works, and vmap, which cannot trace that loop, hands over to the row-by-row path."""
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager", "batched_mm"])
+def test_moe_dedicated_paths_equal_the_forced_fallback(
+    implementation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiny Mixtral: its router and fused experts take the dedicated paths (trace_ds/scoring/moe.py) with each
+    of transformers' experts implementations, exactly; forced onto the fallback (TRACE_DS_GHOST_FALLBACK) they
+    give the same G and scores. There, grouped_mm experts (no forward-AD formula) move on to vmap, and the eager
+    loop over the experts hit runs in forward mode, or row by row when started at vmap (which cannot trace it)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
@@ -237,26 +241,33 @@ def test_a_moe_family_works_without_a_code_change(monkeypatch: pytest.MonkeyPatc
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
-    default = model.config._experts_implementation
     model.config._experts_implementation = "eager"  # the fp64 reference: grouped_mm has no fp64 kernel
     probe, pairs, categories, cfg, want, norms, g_norm = scored(model, seed=60, n=4)
+    model.config._experts_implementation = implementation
 
-    for implementation, start, methods in [
-        (default, None, "vmap"),
-        ("eager", None, "jvp"),
-        ("eager", "vmap", "rows"),
-    ]:
-        model.config._experts_implementation = implementation
+    dedicated, plain = run_scorer(model, probe, pairs, categories, cfg)
+    assert not fallback.stats_of(plain.state)
+    assert max(cosine_errors(dedicated, want, norms, g_norm)) <= 1e-6
+
+    monkeypatch.setenv(fallback.FORCE_ENV, "Experts,TopKRouter")
+    starts = {"grouped_mm": [(None, "vmap")], "eager": [(None, "jvp"), ("vmap", "rows")]}
+    for start, method in starts.get(implementation, [(None, None)]):
         monkeypatch.setattr(fallback, "_first_method", {})
         if start:
             monkeypatch.setenv(fallback.METHOD_ENV, start)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # functorch: no batching rule for grouped_mm (slow, still exact)
-            got, scorer = run_scorer(model, probe, pairs, categories, cfg)
-        assert max(cosine_errors(got, want, norms, g_norm)) <= 1e-6, implementation
+            forced, scorer = run_scorer(model, probe, pairs, categories, cfg)
+        assert max(cosine_errors(forced, dedicated, norms, g_norm)) <= 1e-6, (implementation, start)
         stats = fallback.stats_of(scorer.state)
         assert set(stats) == {"MixtralTopKRouter", "MixtralExperts"}
-        assert stats["MixtralExperts"].methods == {methods}, (implementation, start, stats)
+        if method:
+            assert stats["MixtralExperts"].methods == {method}, (implementation, start, stats)
+        g_plain, g_forced = plain.state.store.tensors, scorer.state.store.tensors
+        assert g_plain.keys() == g_forced.keys()
+        for key, tensor in g_plain.items():
+            scale = float(tensor.abs().max())  # fp32 sums in another order: relative to the largest entry
+            torch.testing.assert_close(g_forced[key], tensor, rtol=1e-5, atol=1e-5 * scale)
 
 
 def _one_backward(module: nn.Module, state: GhostState, x: torch.Tensor, grad_out: torch.Tensor):

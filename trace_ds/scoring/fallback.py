@@ -186,10 +186,7 @@ def _shape(state: GhostState) -> tuple[int, int]:
 
 def _token_mask(state: GhostState) -> torch.Tensor:
     """(rows, length): 1 on the real tokens (the ones the dedicated paths select), 0 on padding."""
-    rows, length = _shape(state)
-    assert state.token_index is not None
-    mask = torch.zeros(rows * length, dtype=torch.bool, device=state.token_index.device)
-    return mask.index_fill_(0, state.token_index, True).view(rows, length)
+    return state.token_mask().view(_shape(state))
 
 
 def _output_layout(plan: _Plan, tensor: torch.Tensor, rows: int, length: int) -> str:

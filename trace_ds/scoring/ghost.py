@@ -64,6 +64,18 @@ class ProbeGradient:
         else:
             self.tensors[key] = grad.detach().float().clone()
 
+    def piece(self, param: torch.Tensor, index: int) -> torch.Tensor:
+        """G[index] of a stacked parameter (one expert of a fused (experts, ...) tensor). The partitioned
+        store gathers only that piece; every rank must ask for the same pieces in the same order."""
+        return self.full(param)[index]
+
+    def add_piece(self, param: torch.Tensor, index: int, grad: torch.Tensor) -> None:
+        """Add ``grad`` to G[index] of a stacked parameter (see :meth:`piece`)."""
+        key = id(param)
+        if key not in self.tensors:
+            self.tensors[key] = torch.zeros(_full_shape(param), dtype=torch.float32, device=grad.device)
+        self.tensors[key][index] += grad.float()
+
     def scale_(self, factor: float) -> None:
         for tensor in self.tensors.values():
             tensor.mul_(factor)
@@ -170,9 +182,32 @@ class GhostState:
         assert moved.shape[: 1 if token_dim == 0 else 2].numel() == rows * length
         return moved.reshape(rows * length, -1, tensor.shape[-1]).index_select(0, self.token_index)
 
+    def token_mask(self) -> torch.Tensor:
+        """(rows * length,) bool, row-major: True on the real tokens (the ones :meth:`select` keeps)."""
+        rows, length = self._batch()
+        assert self.token_index is not None
+        mask = torch.zeros(rows * length, dtype=torch.bool, device=self.token_index.device)
+        return mask.index_fill_(0, self.token_index, True)
+
     def offsets(self) -> torch.Tensor:
         assert self.lengths is not None
         return torch.cat([self.lengths.new_zeros(1), self.lengths.cumsum(0)])
+
+    def add_linear_scores(
+        self, a: torch.Tensor, d: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor | None = None
+    ) -> None:
+        """scores[r] += sum over r's tokens of d_t^T G a_t (the fused kernel); ``offsets`` (rows + 1) delimit
+        each row's entries of (a, d), by default the batch's real tokens in row order."""
+        from trace_ds.kernels.ghost_dot import ghost_dot
+
+        assert self.scores is not None
+        self.scores += ghost_dot(
+            a,
+            d,
+            g.to(a.dtype) if a.dtype != torch.float32 else g,
+            self.offsets() if offsets is None else offsets,
+            backend=self.kernel,
+        )
 
     def add_token_scores(self, per_token: torch.Tensor) -> None:
         """Sum per-token values into their rows, deterministically (segment reduction, no atomics)."""
@@ -233,16 +268,7 @@ class _GhostLinear(torch.autograd.Function):
                     state.store.add(bias, d.float().sum(0))
             else:
                 if _param_needs(weight):
-                    from trace_ds.kernels.ghost_dot import ghost_dot
-
-                    g = state.store.full(weight)
-                    state.scores += ghost_dot(
-                        a,
-                        d,
-                        g.to(a.dtype) if a.dtype != torch.float32 else g,
-                        state.offsets(),
-                        backend=state.kernel,
-                    )
+                    state.add_linear_scores(a, d, state.store.full(weight))
                 if _param_needs(bias):
                     state.add_token_scores(d.float().matmul(state.store.full(bias)))
             state.touched.update(id(p) for p in (weight, bias) if _param_needs(p))
@@ -520,6 +546,11 @@ def ghost_forward_for(module: nn.Module, state: GhostState) -> Callable | None:
     norm = _norm_kind(module)
     if norm is not None:
         return _norm_forward(module, norm, state)
+    from trace_ds.scoring.moe import moe_forward_for
+
+    moe = moe_forward_for(module, state)
+    if moe is not None:
+        return moe
     return fallback_forward(module, state)  # any other owner: the generic exact path (scoring/fallback.py)
 
 
