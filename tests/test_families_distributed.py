@@ -1,7 +1,16 @@
-"""2-rank ZeRO-3 scoring equals one process on Qwen3 and the MoE families (Mixtral, Qwen3-MoE), in ONE launch.
+"""2-rank ZeRO-3 scoring equals one process on every model family of trace_ds.tiny.FAMILIES, in ONE launch.
 
-Each family is a tiny random model of trace_ds.tiny (transformers' own classes, every parameter perturbed). In
-both MoE models one expert of layer 0 is made to win only for one token, present only in pairs that rank 0
+Covered: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2, granite (built with
+Granite's multipliers while trace_ds.tiny.FAMILIES lacks it), mixtral and qwen3_moe, each a tiny random model
+of trace_ds.tiny (transformers' own classes, every parameter perturbed); tied input/output embeddings for
+llama, qwen3, gemma and gemma3_text, untied for the others (plain and scaled embeddings, dense and MoE, both
+ways). One more job scores the Mixtral model with its experts and routers forced onto the generic fallback
+(``TRACE_DS_GHOST_FALLBACK``, set by the worker for that job only) and compares it with the one-process
+scores of the same model on its own paths. Every job: the same pair ids in input order, raw scores within
+1e-5 of the largest, the same weights and the same parameters covered; no job took the generic fallback (the
+MoE families' experts and routers have dedicated paths) but the forced one, for the forced classes.
+
+In both MoE models one expert of layer 0 is made to win only for one token, present only in pairs that rank 0
 scores (and in the probe pair rank 0 runs): rank 1 never routes a token to it, yet must run every collective
 for it (G gathered in score mode, summed in probe mode) in the same order as rank 0, or the launch hangs or
 the scores differ. The worker (tests/zero3_score_worker.py) asserts that the routing happened that way.
@@ -9,6 +18,7 @@ the scores differ. The worker (tests/zero3_score_worker.py) asserts that the rou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -16,13 +26,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from trace_ds.io import free_port, write_jsonl
-from trace_ds.tiny import MOE_FAMILIES, build_tiny_family, default_corpus, train_tokenizer
+from trace_ds.scoring.fallback import FORCE_ENV
+from trace_ds.tiny import FAMILIES, MOE_FAMILIES, build_tiny_family, default_corpus, train_tokenizer
 
 from .helpers import read_lines
 from .zero3_score_worker import routing_hits
@@ -30,9 +42,32 @@ from .zero3_score_worker import routing_hits
 REPO = Path(__file__).resolve().parents[1]
 STEER_TOKEN = 140  # the one token routed to STEER_EXPERT in layer 0; other ids are drawn from [4, 140)
 STEER_EXPERT = 3
-# family -> experts implementation (None: transformers' default, grouped_mm; "eager": its loop over the experts
-# hit, which on rank 1 never visits STEER_EXPERT)
-JOBS: dict[str, str | None] = {"qwen3": None, "mixtral": None, "qwen3_moe": "eager"}
+# family -> experts implementation (absent: transformers' default, grouped_mm; "eager": its loop over the
+# experts hit, which on rank 1 never visits STEER_EXPERT)
+EXPERTS: dict[str, str] = {"qwen3_moe": "eager"}
+# family -> tie_word_embeddings where it differs from trace_ds.tiny's default (tied there: qwen3, the Gemmas)
+TIED: dict[str, bool] = {"llama": True, "gemma2": False}
+# Granite's multipliers (as tests/test_families.py), used while trace_ds.tiny.FAMILIES has no "granite"
+GRANITE = {
+    "embedding_multiplier": 3.0,
+    "logits_scaling": 2.0,
+    "residual_multiplier": 0.5,
+    "attention_multiplier": 0.2,
+}
+FORCED = ("mixtral", "Experts,TopKRouter")  # the extra job: this family, with these classes on the fallback
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` while inside. The tiny models gain nothing from more than one,
+    and where another process keeps the cores busy each extra thread makes every op wait (a run of the
+    one-process part took 29 s with 2 threads on 2 busy cores, 3 s with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def steer_one_expert(model: torch.nn.Module) -> None:
@@ -83,37 +118,55 @@ def write_inputs(root: Path) -> tuple[Path, Path]:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(420)
-def test_zero3_two_ranks_score_the_families_like_one_process(tmp_path: Path) -> None:
+def test_zero3_two_ranks_score_the_families_like_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from trace_ds.config import ScoreConfig
     from trace_ds.scoring.scorer import run_score
 
+    monkeypatch.delenv(FORCE_ENV, raising=False)  # one process and every job but the forced one: own paths
+    if "granite" not in FAMILIES:
+        monkeypatch.setitem(FAMILIES, "granite", GRANITE)
     started = time.perf_counter()
     tokenizer = train_tokenizer(default_corpus(), tmp_path / "tokenizer", vocab_size=512)
     assert len(tokenizer) > STEER_TOKEN
     triaged, probe = write_inputs(tmp_path)
-    jobs, one = [], {}
-    for seed, (family, experts) in enumerate(JOBS.items()):
-        folder = tmp_path / family
-        model = build_tiny_family(folder, family, tokenizer, seed=seed)
-        if family in MOE_FAMILIES:
-            steer_one_expert(model)
-            model.save_pretrained(folder)
-        score = {"model": str(folder), "triaged": str(triaged), "probe": str(probe), "micro_batch": 3}
-        score |= {"beta": 0.5, "kernel": "torch", "allow_empty": True}
-        job = {
-            "family": family,
-            "experts": experts,
-            "score": {**score, "out": str(tmp_path / "two" / family / "s.jsonl")},
-        }
-        if family in MOE_FAMILIES:
-            job["one_rank_expert"] = [0, STEER_EXPERT]
-        jobs.append(job)
-        with routing_hits(experts) as hits:  # one process, the same settings
-            one[family] = run_score(
-                ScoreConfig(**{**score, "out": str(tmp_path / "one" / family / "s.jsonl")})
-            )
-        if family in MOE_FAMILIES:  # the token is routed as intended, and every expert of layer 0 is used
-            assert hits["model.layers.0.mlp.gate"] == {0, 1, 2, 3}, hits
+    jobs, one, tied = [], {}, {}
+    with torch_threads(1):
+        for seed, family in enumerate(FAMILIES):
+            folder = tmp_path / family
+            overrides = {"tie_word_embeddings": TIED[family]} if family in TIED else {}
+            model = build_tiny_family(folder, family, tokenizer, seed=seed, **overrides)
+            tied[family] = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+            assert tied[family] == TIED.get(family, tied[family]), family
+            if family in MOE_FAMILIES:
+                steer_one_expert(model)
+                model.save_pretrained(folder)
+            score = {"model": str(folder), "triaged": str(triaged), "probe": str(probe), "micro_batch": 3}
+            score |= {"beta": 0.5, "kernel": "torch", "allow_empty": True}
+            job = {
+                "name": family,
+                "family": family,
+                "experts": EXPERTS.get(family),
+                "score": {**score, "out": str(tmp_path / "two" / family / "s.jsonl")},
+            }
+            if family in MOE_FAMILIES:
+                job["one_rank_expert"] = [0, STEER_EXPERT]
+            jobs.append(job)
+            if family == FORCED[0]:
+                # first in the launch: every later job then checks that the worker restored
+                # TRACE_DS_GHOST_FALLBACK
+                name = f"{family}-forced"
+                out = str(tmp_path / "two" / name / "s.jsonl")
+                jobs.insert(0, {**job, "name": name, "fallback": FORCED[1], "score": {**score, "out": out}})
+            with routing_hits(job["experts"]) as hits:  # one process, the same settings, nothing forced
+                one[family] = run_score(
+                    ScoreConfig(**{**score, "out": str(tmp_path / "one" / family / "s.jsonl")})
+                )
+            if family in MOE_FAMILIES:  # the token is routed as intended, and every expert of layer 0 is used
+                assert hits["model.layers.0.mlp.gate"] == {0, 1, 2, 3}, hits
+    assert set(tied.values()) == {True, False}, tied
+    assert len(jobs) == len(FAMILIES) + 1
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     one_process_s = time.perf_counter() - started
 
@@ -124,7 +177,8 @@ def test_zero3_two_ranks_score_the_families_like_one_process(tmp_path: Path) -> 
     ]  # fmt: skip
     # a hang (ranks out of step in their collectives) fails the collective after 120 s, and the test kills the
     # launcher and both ranks (their own process group) at 300 s
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TRACE_DS_DIST_TIMEOUT_S": "120"}
+    # one thread per rank: two ranks of two threads each on two cores slow each other down many times over
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TRACE_DS_DIST_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -137,29 +191,36 @@ def test_zero3_two_ranks_score_the_families_like_one_process(tmp_path: Path) -> 
         pytest.fail(f"the 2-rank scoring launch timed out:\n{output[-4000:]}")
     launch_s = time.perf_counter() - started
     assert process.returncode == 0, output[-6000:]
-    print(f"one process (3 families): {one_process_s:.1f} s; one 2-rank launch: {launch_s:.1f} s")
+    print(
+        f"one process ({len(FAMILIES)} families): {one_process_s:.1f} s; "
+        f"one 2-rank launch ({len(jobs)} jobs): {launch_s:.1f} s"
+    )
+    print("\n".join(line for line in output.splitlines() if line.startswith("[worker]")))
 
     for job in jobs:
-        family = job["family"]
+        name, family = job["name"], job["family"]
         a = read_lines(tmp_path / "one" / family / "s.jsonl")
-        b = read_lines(tmp_path / "two" / family / "s.jsonl")
-        assert [x["id"] for x in a] == [x["id"] for x in b], family
+        b = read_lines(tmp_path / "two" / name / "s.jsonl")
+        assert [x["id"] for x in a] == [x["id"] for x in b], name
         scale = max(abs(x["raw_score"]) for x in a)
-        assert scale > 0, family
+        assert scale > 0, name
         diff = max(abs(x["raw_score"] - y["raw_score"]) for x, y in zip(a, b, strict=True))
-        assert diff <= 1e-5 * scale, (family, diff / scale)
-        print(f"{family}: largest difference {diff / scale:.1e} of the largest score")
-        assert [x["weight"] for x in a] == pytest.approx([y["weight"] for y in b], rel=1e-4, abs=1e-6), family
-        meta = json.loads((tmp_path / "two" / family / "s.meta.json").read_text())
-        assert (meta["world_size"], meta["zero_stage"]) == (2, 3), family
-        assert meta["parameters_covered"] == one[family]["parameters_covered"], family
+        assert diff <= 1e-5 * scale, (name, diff / scale)
+        embeddings = "tied" if tied[family] else "untied"
+        print(f"{name} ({embeddings}): largest difference {diff / scale:.1e} of the largest score")
+        assert [x["weight"] for x in a] == pytest.approx([y["weight"] for y in b], rel=1e-4, abs=1e-6), name
+        meta = json.loads((tmp_path / "two" / name / "s.meta.json").read_text())
+        assert (meta["world_size"], meta["zero_stage"]) == (2, 3), name
+        assert meta["parameters_covered"] == one[family]["parameters_covered"], name
+        # run_score writes "ghost_fallback" (class -> use) only when some module took the fallback
+        if job.get("fallback"):  # the forced classes took it (2 ranks; the one process ran on its own paths)
+            taken = set(meta.get("ghost_fallback", {}))
+            for suffix in job["fallback"].split(","):
+                assert any(cls.endswith(suffix) for cls in taken), (name, suffix, taken)
+        else:  # no module took it, on either side (MoE experts and routers included)
+            assert "ghost_fallback" not in meta, (name, meta["ghost_fallback"])
+            assert "ghost_fallback" not in one[family], (name, one[family]["ghost_fallback"])
         if family in MOE_FAMILIES:
-            # experts and routers went through the generic fallback, on both sides
-            prefix = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe"}[family]
-            fallback = {f"{prefix}Experts", f"{prefix}TopKRouter"}
-            assert set(meta["ghost_fallback"]) == fallback == set(one[family]["ghost_fallback"]), meta
-            ranks = json.loads((tmp_path / "two" / family / "s.routing.json").read_text())
-            assert STEER_EXPERT in ranks[0]["model.layers.0.mlp.gate"]
-            assert STEER_EXPERT not in ranks[1]["model.layers.0.mlp.gate"]
-        else:
-            assert "ghost_fallback" not in meta, meta
+            ranks = json.loads((tmp_path / "two" / name / "s.routing.json").read_text())
+            assert STEER_EXPERT in ranks[0]["model.layers.0.mlp.gate"], name
+            assert STEER_EXPERT not in ranks[1]["model.layers.0.mlp.gate"], name
