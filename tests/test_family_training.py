@@ -173,7 +173,7 @@ def test_moe_batch_logits_leave_the_router_loss_out(
         with monkeypatch.context() as patch:
             patch.setattr(modeling, "load_balancing_loss_func", refuse)
             conflict, conflict_w, kl, _ = compute_losses(
-                policy, lambda b, rows, ref=reference: b.logits(ref, rows), batch, categories, weights, config
+                policy, lambda fn, ref=reference: fn(ref), batch, categories, weights, config
             )
         loss = reduce_step_loss(conflict, conflict_w, kl, config.alpha_kl, 6)
 

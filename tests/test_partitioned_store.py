@@ -1,5 +1,5 @@
 """G kept partitioned like ZeRO-3 keeps parameters (trace_ds.engine.PartitionedProbeGradient): one expert's
-piece of a stacked tensor is gathered and added alone, and equals the same slice of the whole tensor, also
+piece of a stacked tensor (or any range of rows) is gathered and added alone, and equals the same slice of the whole tensor, also
 when a rank's shard boundary falls inside a piece. Two gloo processes, on the CPU."""
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def _rank(rank: int, world: int, port: int, errors: mp.Queue[str]) -> None:
             torch.testing.assert_close(whole.full(param), total)
             for index in range(shape[0]):
                 assert torch.equal(pieces.piece(param, index), whole.full(param)[index]), (shape, index)
+            for start in range(shape[0]):  # any row range (vocabulary tiles of lm_head)
+                for stop in range(start + 1, shape[0] + 1):
+                    assert torch.equal(whole.rows(param, start, stop), whole.full(param)[start:stop])
     except Exception as error:
         errors.put(f"rank {rank}: {type(error).__name__}: {error}")
     finally:

@@ -39,19 +39,22 @@ def test_each_head_gets_its_pairs_and_nothing_else(tmp_path) -> None:
     def ref_logits(b, rows=None):
         return b.logits(reference, rows)
 
-    conflict, conflict_w, kl, stats = compute_losses(policy, ref_logits, batch, categories, weights, config)
+    conflict, conflict_w, kl, stats = compute_losses(
+        policy, lambda fn: fn(reference), batch, categories, weights, config
+    )
     # The same with precomputed reference log-probs: the reference then runs on retention chosen rows only.
     with torch.no_grad():
         full_ref = ref_logits(batch)
     pre = sequence_logps(full_ref, batch.labels, batch.loss_mask)
-    calls = []
+    rows_run = []
 
-    def counting_ref(b, rows=None):
-        calls.append(None if rows is None else rows.tolist())
-        return ref_logits(b, rows)
+    def record_rows(module, args, kwargs):
+        rows_run.append(int(kwargs["input_ids"].shape[0]))
 
-    pre_out = compute_losses(policy, counting_ref, batch, categories, weights, config, reference_logps=pre)
-    assert calls == [[2]]
+    hook = reference.model.register_forward_pre_hook(record_rows, with_kwargs=True)
+    pre_out = compute_losses(policy, lambda fn: fn(reference), batch, categories, weights, config, pre)
+    hook.remove()
+    assert rows_run == [1]  # one reference forward, on the one live retention pair's chosen row
     for a, b in zip((conflict, conflict_w, kl), pre_out[:3], strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -67,7 +70,9 @@ def test_each_head_gets_its_pairs_and_nothing_else(tmp_path) -> None:
     assert conflict[0].item() == pytest.approx(ipo_loss(rc[0] - rr[0], 0.5).item(), rel=1e-5)
     assert conflict[1].item() == pytest.approx((npo_loss(rc[1], 0.5) + npo_loss(rr[1], 0.5)).item(), rel=1e-5)
     assert conflict[2].item() == 0.0  # retention has no conflict loss
-    unlearning = compute_losses(policy, ref_logits, batch, ["unlearning"] * 4, weights, config)[0]
+    unlearning = compute_losses(policy, lambda fn: fn(reference), batch, ["unlearning"] * 4, weights, config)[
+        0
+    ]
     assert unlearning[1].item() == pytest.approx(npo_loss(rc[1], 0.5).item(), rel=1e-5)  # chosen only
     assert conflict_w.tolist() == [0.5, 2.0, 0.0, 0.0]
     expected_kl = token_kl(logits[2:3], ref[2:3], batch.loss_mask[2:3])

@@ -12,6 +12,7 @@ import click
 from rich.markup import escape
 
 from trace_ds import __version__
+from trace_ds.config import DEFAULT_VOCAB_TILE
 from trace_ds.console import console, key_value_table, print_triage_report
 from trace_ds.io import TraceError
 
@@ -370,6 +371,16 @@ def tokenize_options(func: Any) -> Any:
     return func
 
 
+def vocab_tile_option(func: Any) -> Any:
+    return click.option(
+        "--vocab-tile",
+        default=DEFAULT_VOCAB_TILE,
+        show_default=True,
+        help="Vocabulary rows per tile of the chunked LM head (log-probs, KL and lm_head's score without "
+        "[tokens, vocabulary] logits); 0: the full-logits path.",
+    )(func)
+
+
 def lora_options(func: Any) -> Any:
     func = click.option(
         "--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", show_default=True
@@ -478,6 +489,7 @@ def _tokenize_config(options: dict[str, Any]) -> Any:
     is_flag=True,
     help="Recompute each layer in the backward: activations of one layer at a time (same scores).",
 )
+@vocab_tile_option
 @tokenize_options
 @lora_options
 def score_command(deepspeed_config: str | None, **options: Any) -> None:
@@ -576,6 +588,7 @@ def score_command(deepspeed_config: str | None, **options: Any) -> None:
     is_flag=True,
     help="ZeRO-3: keep the reference engine's partitions in host memory (frees its device memory).",
 )
+@vocab_tile_option
 @tokenize_options
 def train_command(
     deepspeed_config: str | None, epochs: int | None, max_steps: int | None, **options: Any
@@ -614,6 +627,7 @@ def train_command(
 @click.option("--lr", default=3e-3, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@vocab_tile_option
 @tokenize_options
 def sft_command(pairs_source: str, **options: Any) -> None:
     """Supervised fine-tuning on chosen responses (how the demo aligns a tiny model to the old policy)."""
@@ -656,6 +670,7 @@ def sft_command(pairs_source: str, **options: Any) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="DeepSpeed config: shard the evaluation over the launched ranks (ZeRO-3 partitioned models).",
 )
+@vocab_tile_option
 @tokenize_options
 def eval_command(exclude: tuple[str, ...], deepspeed_config: str | None, **options: Any) -> None:
     """Preference accuracy per category, TPA (with 95% intervals) and perplexity, against the reference.
@@ -767,6 +782,7 @@ def tpa_command(generations: str, verdicts: str, out: str) -> None:
     help="Read ZeRO knobs (buckets, live parameters) from this config.",
 )
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the plan as JSON (bytes).")
+@vocab_tile_option
 @lora_options
 def plan_command(model: str, deepspeed: str | None, json_out: str | None, **options: Any) -> None:
     """Memory per rank for scoring and training, from the model config alone (no weights are loaded)."""
@@ -788,6 +804,7 @@ def plan_command(model: str, deepspeed: str | None, json_out: str | None, **opti
         offload_reference=options["offload_reference"],
         micro_batch=options["micro_batch"], seq_len=options["seq_len"], dtype=options["dtype"],
         device_gib=options["device_gib"], reserve_gib=options["reserve_gib"], ds_config=ds_config,
+        vocab_tile=options["vocab_tile"],
     )  # fmt: skip
     if options["offload"] and options["zero"] == 0:
         raise TraceError("--offload needs ZeRO 1-3 (DeepSpeed offloads partitioned optimizer states)")
@@ -805,6 +822,19 @@ def bench() -> None:
 
 
 @bench.command("scoring")
+@click.option(
+    "--family",
+    default="llama",
+    show_default=True,
+    help="Model family: a model type of trace_ds.tiny.FAMILIES (mixtral, qwen3_moe, qwen3, gemma2, ...), built "
+    "from transformers' own classes with random weights at this width and depth.",
+)
+@click.option(
+    "--experts",
+    default=8,
+    show_default=True,
+    help="MoE families: experts per layer (top 2, each half the MLP).",
+)
 @click.option("--layers", default=4, show_default=True)
 @click.option("--hidden", default=256, show_default=True)
 @click.option("--vocab", default=8192, show_default=True)
@@ -824,7 +854,10 @@ def bench_scoring(n_pairs: int, arms: str, out: str | None, **settings: Any) -> 
     import shlex
 
     from trace_ds.bench.scoring import ARMS, markdown_table, run_benchmark
+    from trace_ds.tiny import FAMILIES
 
+    if settings["family"] not in FAMILIES:
+        raise TraceError(f"--family {settings['family']!r}: choose one of {', '.join(sorted(FAMILIES))}")
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     unknown = [a for a in chosen if a not in ARMS]
     if unknown:

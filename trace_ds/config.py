@@ -39,6 +39,17 @@ class LoraConfig:
             raise TraceError("--lora-targets is empty: name at least one module, e.g. q_proj,v_proj")
 
 
+DEFAULT_VOCAB_TILE = 8192  # vocabulary rows per tile of the chunked head (trace_ds/vocab_head.py)
+
+
+def check_vocab_tile(tile: int) -> None:
+    if tile < 0:
+        raise TraceError(
+            f"--vocab-tile {tile}: use a positive tile (vocabulary rows per chunk of the head; default "
+            f"{DEFAULT_VOCAB_TILE}) or 0 for the full-logits path"
+        )
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """``trace-ds score``: impact scores of conflict pairs against a policy probe."""
@@ -63,8 +74,10 @@ class ScoreConfig:
     save_every: int = 4
     gradient_checkpointing: bool = False
     on_bad_record: Literal["error", "skip"] = "error"
+    vocab_tile: int = DEFAULT_VOCAB_TILE
 
     def __post_init__(self) -> None:
+        check_vocab_tile(self.vocab_tile)
         if self.beta <= 0:
             raise TraceError(f"--beta {self.beta}: must be positive (IPO's target is 1/(2 beta))")
         if self.relational not in ("ipo", "dpo"):
@@ -144,8 +157,10 @@ class TrainConfig:
     offload_reference: bool = False
     category_proportions: tuple[tuple[str, float], ...] | None = None
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    vocab_tile: int = DEFAULT_VOCAB_TILE
 
     def __post_init__(self) -> None:
+        check_vocab_tile(self.vocab_tile)
         if self.epochs is not None and self.max_steps is not None:
             raise TraceError("give --epochs or --max-steps, not both (--max-steps cycles epochs as needed)")
         if (self.epochs is not None and self.epochs < 1) or (

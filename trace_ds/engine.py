@@ -381,12 +381,12 @@ class ReducedProbeGradient(ProbeGradient):
         dist.all_reduce(total)
         super().add(param, total)
 
-    def add_piece(self, param: torch.Tensor, index: int, grad: torch.Tensor) -> None:
+    def add_rows(self, param: torch.Tensor, start: int, grad: torch.Tensor) -> None:
         import torch.distributed as dist
 
         total = grad.detach().float().contiguous().clone()
         dist.all_reduce(total)
-        super().add_piece(param, index, total)
+        super().add_rows(param, start, total)
 
 
 class PartitionedProbeGradient(ProbeGradient):
@@ -436,44 +436,44 @@ class PartitionedProbeGradient(ProbeGradient):
             dist.all_gather_into_tensor(gathered, mine)
         return gathered[:numel].view(shape)
 
-    def _piece_spans(self, param: torch.Tensor, index: int) -> Iterator[tuple[int, int, int, int]]:
-        """For G[index] of a stacked parameter, flat range [lo, hi): per rank whose shard overlaps it,
-        (rank, start in the piece, start in that rank's shard, length)."""
+    def _spans(self, param: torch.Tensor, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+        """For rows [start, stop) of a parameter (flattened: [lo, hi)): per rank whose shard overlaps them,
+        (rank, offset in the rows, offset in that rank's shard, length)."""
         numel, shape = _full_numel_shape(param)
         per = numel // int(shape[0])
-        lo, hi = index * per, (index + 1) * per
+        lo, hi = start * per, stop * per
         shard = self._shard_size(numel)
         for rank in range(self.world_size):
-            start, stop = max(lo, rank * shard), min(hi, (rank + 1) * shard, numel)
-            if start < stop:
-                yield rank, start - lo, start - rank * shard, stop - start
+            first, last = max(lo, rank * shard), min(hi, (rank + 1) * shard, numel)
+            if first < last:
+                yield rank, first - lo, first - rank * shard, last - first
 
-    def piece(self, param: torch.Tensor, index: int) -> torch.Tensor:
-        """Only G[index] (one expert of a fused expert tensor) is gathered: each rank that holds part of it
-        broadcasts that part, so no rank ever holds the whole tensor's G (a fused Mixtral-8x7B layer's is
-        3.8 GB in fp32)."""
+    def rows(self, param: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Only G[start:stop] (one expert of a fused expert tensor, one vocabulary tile of lm_head) is
+        gathered: each rank that holds part of it broadcasts that part, so no rank ever holds the whole
+        tensor's G (a fused Mixtral-8x7B layer's is 3.8 GB in fp32)."""
         import torch.distributed as dist
 
         mine = ProbeGradient.full(self, param)
         _, shape = _full_numel_shape(param)
-        out = torch.empty(tuple(shape[1:]), dtype=torch.float32, device=mine.device)
+        out = torch.empty((stop - start, *shape[1:]), dtype=torch.float32, device=mine.device)
         flat = out.view(-1)
-        for rank, at, start, length in self._piece_spans(param, index):
+        for rank, at, offset, length in self._spans(param, start, stop):
             part = flat[at : at + length]
             if rank == self.rank:
-                part.copy_(mine[start : start + length])
+                part.copy_(mine[offset : offset + length])
             dist.broadcast(part, src=rank)
         return out
 
-    def add_piece(self, param: torch.Tensor, index: int, grad: torch.Tensor) -> None:
+    def add_rows(self, param: torch.Tensor, start: int, grad: torch.Tensor) -> None:
         import torch.distributed as dist
 
         total = grad.detach().float().reshape(-1).contiguous().clone()
         dist.all_reduce(total)
         self.zeros_for([param])
-        for rank, at, start, length in self._piece_spans(param, index):
+        for rank, at, offset, length in self._spans(param, start, start + grad.shape[0]):
             if rank == self.rank:
-                self.tensors[id(param)][start : start + length] += total[at : at + length]
+                self.tensors[id(param)][offset : offset + length] += total[at : at + length]
 
     def zeros_for(self, params: list[nn.Parameter]) -> None:
         for param in params:

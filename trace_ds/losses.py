@@ -98,8 +98,10 @@ def token_kl(
     """Per-row mean over masked positions of KL(pi_ref || pi_theta), over the full vocabulary.
 
     KL_t = sum_v p_ref(v) (log p_ref(v) - log p_theta(v)). Only the masked positions (those predicting the
-    chosen response's tokens) are selected, and the fp32 log-softmax runs on ``chunk_tokens`` of them at a
-    time, so memory holds a chunk, not (rows x length x vocab) in fp32. A row with no masked position gives 0.
+    chosen response's tokens) are selected, and the log-softmax runs on ``chunk_tokens`` of them at a time,
+    in fp64: in fp32 each log-prob carries an error of eps * log-sum-exp, and the KL of two close policies
+    (1e-4) lost 4e-4 of its value to it. The full-logits path (``--vocab-tile 0``); the chunked head
+    (trace_ds/vocab_head.py) computes the same without the logits. A row with no masked position gives 0.
     """
     rows, length, vocab = policy_logits.shape
     flat_mask = loss_mask.reshape(-1) > 0
@@ -109,9 +111,9 @@ def token_kl(
     per_token = []
     for start in range(0, index.numel(), chunk_tokens):
         chunk = index[start : start + chunk_tokens]
-        log_p = torch.log_softmax(policy_flat.index_select(0, chunk).float(), dim=-1)
-        log_q = torch.log_softmax(reference_flat.index_select(0, chunk).float(), dim=-1)
-        per_token.append((log_q.exp() * (log_q - log_p)).sum(-1))
+        log_p = torch.log_softmax(policy_flat.index_select(0, chunk).double(), dim=-1)
+        log_q = torch.log_softmax(reference_flat.index_select(0, chunk).double(), dim=-1)
+        per_token.append((log_q.exp() * (log_q - log_p)).sum(-1).float())
     counts = flat_mask.reshape(rows, length).sum(-1)
     if not per_token:
         return policy_logits.new_zeros(rows, dtype=torch.float32) + 0.0 * policy_logits.sum()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trace_ds.config import LoraConfig
+from trace_ds.config import DEFAULT_VOCAB_TILE, LoraConfig
 from trace_ds.io import TraceError
 
 GIB = 1024**3
@@ -112,6 +112,7 @@ class PlanSettings:
     device_gib: float | None = None
     reserve_gib: float = 0.0  # runtime memory outside tensors (CUDA context, NCCL buffers), for the fit check
     ds_config: dict[str, Any] = field(default_factory=dict)
+    vocab_tile: int = DEFAULT_VOCAB_TILE  # the chunked head's tile (0: full logits)
 
     @property
     def world(self) -> int:
@@ -132,8 +133,12 @@ def _activations(shape: ModelShape, settings: PlanSettings, checkpointing: bool)
     A Llama-style layer keeps, per token: the two RMSNorms' inputs and normalised outputs (4h), the
     attention projections' input (h), q and k after RoPE and v (h + 2 kv), the attention output and its
     log-sum-exp (h), the MLP input (h), gate, up, SiLU(gate) and their product (4i). With checkpointing a
-    layer keeps only its input (h) and one layer at a time is recomputed. The head keeps the logits and
-    their fp32 log-softmax (the sequence log-probs), and the backward briefly holds their gradients too.
+    layer keeps only its input (h) and one layer at a time is recomputed. The vocabulary-chunked head
+    (``vocab_tile`` > 0) keeps the final hidden states of the positions that predict a response token (taken
+    as half the tokens: prompt and response of equal length) and, one tile at a time, holds that tile's logits
+    in the model dtype and fp32 (forward and backward alike), plus the input gradient in fp32 in the backward.
+    The full-logits path keeps the logits and their fp32 log-softmax (the sequence log-probs), and the
+    backward briefly holds their gradients too.
     """
     b = DTYPE_BYTES[settings.dtype]
     tokens = 2 * settings.micro_batch * settings.seq_len
@@ -143,9 +148,30 @@ def _activations(shape: ModelShape, settings: PlanSettings, checkpointing: bool)
         if not checkpointing
         else shape.layers * tokens * b * shape.hidden + per_layer
     )
+    if settings.vocab_tile > 0:
+        response = tokens // 2
+        tile = response * min(settings.vocab_tile, shape.vocab) * (b + 8)
+        kept = response * shape.hidden * b
+        return {"layers": layers, "head": kept, "head_backward": tile + response * shape.hidden * 4}
     logits = tokens * shape.vocab * b
     log_softmax = tokens * shape.vocab * 4
     return {"layers": layers, "head": logits + log_softmax, "head_backward": log_softmax + logits}
+
+
+def _reference_head(shape: ModelShape, settings: PlanSettings) -> int:
+    """What training holds for the KL head beyond the policy's activations. Chunked head: the reference's hidden
+    states at the KL positions (the chosen rows' response positions: a quarter of the tokens, as if every pair
+    were a retention pair, an upper bound) and the KL's tile, in place of the log-prob tile: two logit tiles
+    in the model dtype and at most five fp64 tiles (trace_ds/vocab_head.py). Full logits: the reference's
+    logits and their fp32 copy."""
+    b = DTYPE_BYTES[settings.dtype]
+    tokens = 2 * settings.micro_batch * settings.seq_len
+    if settings.vocab_tile > 0:
+        response, kl = tokens // 2, tokens // 4
+        tile = min(settings.vocab_tile, shape.vocab)
+        logp_tile = response * tile * (b + 8)
+        return kl * shape.hidden * b + max(0, kl * tile * (2 * b + 5 * 8) - logp_tile)
+    return tokens * shape.vocab * (b + 4)
 
 
 def _gathered(shape: ModelShape, settings: PlanSettings) -> int:
@@ -175,7 +201,9 @@ def plan(shape: ModelShape, settings: PlanSettings) -> dict[str, Any]:
     optimizer = trainable * 12 // split
     optimizer_device = 0 if settings.offloads("offload_optimizer") else optimizer
     probe = trainable * 4 // (world if zero3 else 1)  # G in fp32
-    probe_transient = shape.largest_param * 4 * 2  # one tensor's G gathered (or reduced) at a time
+    # one tensor's G gathered (or reduced) at a time: the embedding's whole (lm_head's goes one vocabulary
+    # tile at a time with the chunked head, but the embedding path still reads all of its G)
+    probe_transient = shape.largest_param * 4 * 2
     # LoRA: the base model with adapters off is the reference, no copy. Under ZeRO-3 the reference engine
     # has its own parameter coordinator, so it also keeps a working set of gathered parameters.
     has_reference = not shape.lora_params
@@ -196,8 +224,8 @@ def plan(shape: ModelShape, settings: PlanSettings) -> dict[str, Any]:
     for checkpointing in (False, True):
         acts = _activations(shape, settings, checkpointing)
         activations = acts["layers"] + acts["head"] + acts["head_backward"]
-        # training also holds the reference's logits next to the policy's (the KL head and the rewards)
-        train_acts = activations + 2 * settings.micro_batch * settings.seq_len * shape.vocab * (b + 4)
+        # training also holds the reference's side of the KL head (and, with full logits, of the rewards)
+        train_acts = activations + _reference_head(shape, settings)
         tag = "checkpointing" if checkpointing else "no_checkpointing"
         scoring = {
             "parameters": params_device,
@@ -247,7 +275,7 @@ ROWS = (
     ("probe_gradient", "probe gradient G (fp32)"),
     ("probe_transient", "G of one tensor, gathered"),
     ("reference", "reference engine (+ gathered)"),
-    ("activations", "activations + logits"),
+    ("activations", "activations + LM head"),
     ("total", "total"),
 )
 

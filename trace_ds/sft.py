@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
+from trace_ds.config import DEFAULT_VOCAB_TILE, check_vocab_tile
 from trace_ds.console import console, progress
 from trace_ds.data.batching import collate_pairs
 from trace_ds.data.pairs import read_pairs
 from trace_ds.data.tokenize import TokenizeConfig, tokenize_pair
 from trace_ds.io import TraceError, write_json
-from trace_ds.losses import sequence_logps
+from trace_ds.vocab_head import check_head
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class SFTConfig:
     batch_size: int = 32
     seed: int = 0
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    vocab_tile: int = DEFAULT_VOCAB_TILE
 
     def __post_init__(self) -> None:
+        check_vocab_tile(self.vocab_tile)
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise TraceError("--epochs and --batch-size must be at least 1 and --lr positive")
 
@@ -43,6 +46,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(config.model, required=True)
     model = load_causal_lm(config.model)
+    check_head(model, config.vocab_tile)
     model.train()
     pad = pad_token_id(tokenizer, model)
     examples = [tokenize_pair(p, tokenizer, config.tokenize) for p in read_pairs(config.pairs).pairs]
@@ -65,9 +69,8 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
                 batch = collate_pairs(chunk, pad)
                 n = batch.num_pairs
                 rows = torch.arange(n)  # the chosen rows only
-                logits = batch.logits(model, rows)
                 tokens = batch.loss_mask[:n].sum()
-                loss = -sequence_logps(logits, batch.labels[:n], batch.loss_mask[:n]).sum() / tokens
+                loss = -batch.logps(model, rows, tile=config.vocab_tile).sum() / tokens
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -30,6 +30,7 @@ from trace_ds.data.stream import PairStream, TrainRecord, load_weights
 from trace_ds.data.tokenize import tokenize_pair
 from trace_ds.io import TraceError, dumps, read_json, write_json, write_text
 from trace_ds.losses import conflict_losses, reduce_step_loss, sequence_logps, token_kl
+from trace_ds.vocab_head import check_head
 
 # Sums reduced across ranks for logging (one tensor, one all-reduce per step).
 STAT_KEYS = (
@@ -57,42 +58,64 @@ def lr_lambda(total_steps: int, warmup_ratio: float) -> Any:
 
 def compute_losses(
     policy: nn.Module,
-    reference_logits_fn: Any,
+    with_reference: Any,
     batch: PairBatch,
     categories: list[str],
     weights: torch.Tensor,
-    config: TrainConfig,
+    config: Any,
     reference_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair conflict losses, their weights, per-pair retention KL, and the stats vector.
 
     ``weights`` is 0 for a padding (dummy) pair; the KL of such a pair is masked out the same way.
-    ``reference_logits_fn(batch, rows)`` gives the reference's logits for those rows of the batch (all rows
-    when ``rows`` is None). With precomputed ``reference_logps`` (2B,), the reference runs only on the
-    chosen rows of live retention pairs, which the KL head needs (one row when there are none, so every
-    rank still makes the same call).
+    ``with_reference(fn)`` returns ``fn(model)`` run on the frozen reference (the base model with the adapters
+    off, under LoRA). The KL head runs on the chosen rows of live retention pairs only (one row when there are
+    none, so every rank still makes the same calls); with precomputed ``reference_logps`` (2B,) the reference
+    runs on those rows only. ``config.vocab_tile`` > 0: the vocabulary-chunked head (trace_ds/vocab_head.py),
+    no [tokens, vocabulary] logits; 0: full logits.
     """
+    from trace_ds.vocab_head import head_module, run_head
+
     n = batch.num_pairs
-    logits = batch.logits(policy)
-    device = logits.device
+    device = batch.input_ids.device
     is_inv = torch.tensor([c == "inversion" for c in categories], device=device)
     is_sup = torch.tensor([c == "suppression" for c in categories], device=device)
     is_ret = torch.tensor([c == "retention" for c in categories], device=device)
     live = weights.to(device) > 0
-    logps = sequence_logps(logits, batch.labels, batch.loss_mask)
-    if reference_logps is None:
+    rows = torch.nonzero(is_ret & live, as_tuple=False).squeeze(-1)
+    rows = rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=device)
+    tile = getattr(config, "vocab_tile", 0)
+    if tile > 0 and head_module(policy) is not None:
         with torch.no_grad():
-            ref_logits = reference_logits_fn(batch, None)
-        ref_logps = sequence_logps(ref_logits, batch.labels, batch.loss_mask)
-        kl = token_kl(logits[:n], ref_logits[:n], batch.loss_mask[:n])
+            if reference_logps is None:  # every row, keeping the hidden states of the KL rows
+                ref = with_reference(
+                    lambda m: run_head(m, batch, tile=tile, kl_rows=rows, keep_reference=True)
+                )
+                ref_logps = ref.logps
+            else:
+                ref = with_reference(
+                    lambda m: run_head(
+                        m, batch, rows, tile=tile, kl_rows=torch.arange(rows.numel(), device=device),
+                        keep_reference=True,
+                    )
+                )  # fmt: skip
+                ref_logps = reference_logps.to(device)
+        result = run_head(policy, batch, tile=tile, kl_rows=rows, reference=ref.reference)
+        logps = result.logps
+        assert result.kl is not None
+        kl = result.kl[:n]
     else:
-        ref_logps = reference_logps.to(device)
-        rows = torch.nonzero(is_ret & live, as_tuple=False).squeeze(-1)
-        rows = rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=device)
+        logits = batch.logits(policy)
+        logps = sequence_logps(logits, batch.labels, batch.loss_mask)
         with torch.no_grad():
-            ref_logits = reference_logits_fn(batch, rows)
-        kl = torch.zeros(n, dtype=torch.float32, device=device)
-        kl = kl.index_put(
+            if reference_logps is None:
+                ref_logits = with_reference(lambda m: batch.logits(m))
+                ref_logps = sequence_logps(ref_logits, batch.labels, batch.loss_mask)
+                ref_logits = ref_logits.index_select(0, rows)
+            else:
+                ref_logps = reference_logps.to(device)
+                ref_logits = with_reference(lambda m: batch.logits(m, rows))
+        kl = torch.zeros(n, dtype=torch.float32, device=device).index_put(
             (rows,), token_kl(logits.index_select(0, rows), ref_logits, batch.loss_mask.index_select(0, rows))
         )
     rewards = logps - ref_logps
@@ -297,6 +320,7 @@ class Trainer:
             optimizer, lr_lambda(self.total_steps, cfg.warmup_ratio)
         )
         self.engine = strategy.prepare_train(model, optimizer, scheduler)
+        check_head(self.engine, cfg.vocab_tile)
         if cfg.lora:
             self.reference = None
         else:
@@ -357,7 +381,7 @@ class Trainer:
                     or self._any_dummy()
                 )
                 batch, _, _ = self._batch(chunk)
-                logps = sequence_logps(self.reference_logits(batch), batch.labels, batch.loss_mask).tolist()
+                logps = self.with_reference(lambda m, b=batch: b.logps(m, tile=cfg.vocab_tile)).tolist()
                 n = len(chunk)
                 found.update({r.pair.id: (logps[i], logps[n + i]) for i, r in enumerate(chunk)})
         merged = {k: v for part in strategy.all_gather_object(found) for k, v in part.items()}
@@ -380,12 +404,13 @@ class Trainer:
         pairs = read_pairs(self.config.eval_pairs).pairs
         return [TrainRecord(p, str(p.extra.get("category")), 1.0) for p in pairs]
 
-    def reference_logits(self, batch: PairBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The frozen reference's logits for ``rows`` of the batch (all rows when None)."""
+    def with_reference(self, fn: Any) -> Any:
+        """``fn(model)`` on the frozen reference: the reference engine, or the base model with the adapters
+        disabled under LoRA."""
         if self.reference is None:  # LoRA: the base model with the adapters disabled
             with self.engine.module.disable_adapter():
-                return batch.logits(self.engine.module, rows)
-        return batch.logits(self.reference, rows)
+                return fn(self.engine.module)
+        return fn(self.reference)
 
     def _batch(self, records: list[TrainRecord]) -> tuple[PairBatch, list[str], torch.Tensor]:
         tokens = [tokenize_pair(r.pair, self.tokenizer, self.config.tokenize) for r in records]
@@ -483,7 +508,7 @@ class Trainer:
             batch, categories, weights = self._batch(chunk)
             conflict, conflict_w, kl, micro_stats = compute_losses(
                 self.engine,
-                self.reference_logits,
+                self.with_reference,
                 batch,
                 categories,
                 weights,
@@ -536,9 +561,7 @@ class Trainer:
                 chunk = records[index * cfg.micro_batch : (index + 1) * cfg.micro_batch]
                 live = chunk or [TrainRecord(self.eval_records[0].pair, self.eval_records[0].category, 0.0)]
                 batch, categories, weights = self._batch(live)
-                *_, micro = compute_losses(
-                    self.engine, self.reference_logits, batch, categories, weights, cfg
-                )
+                *_, micro = compute_losses(self.engine, self.with_reference, batch, categories, weights, cfg)
                 stats += micro.cpu()
         self.engine.train()
         stats = strategy.all_reduce_sum(stats)

@@ -30,17 +30,32 @@ from trace_ds.memory import lifetime_peak_rss_mib
 ARMS = ("floor", "ghost", "per-pair", "reference-code")
 
 
-def _model(workdir: Path, layers: int, hidden: int, vocab: int, seed: int) -> torch.nn.Module:
-    from transformers import LlamaForCausalLM
+def _model(settings: dict[str, Any]) -> torch.nn.Module:
+    """The benchmark's random model: Llama by default, or another family of ``trace_ds.tiny.FAMILIES`` at the
+    same width and depth. An MoE family gets ``experts`` experts, top 2, each half the dense MLP's width, so a
+    token's MLP costs what the dense model's does (the MoE holds experts / 2 times the MLP weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trace_ds.tiny import tiny_llama_config
+    from trace_ds.tiny import FAMILIES, MOE_FAMILIES
 
-    config = tiny_llama_config(
-        vocab, hidden_size=hidden, num_layers=layers, num_heads=max(hidden // 64, 1), num_kv_heads=max(hidden // 64, 1),
-        intermediate_size=int(hidden * 8 / 3) // 16 * 16, max_position_embeddings=1024,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    family, hidden, vocab = settings.get("family", "llama"), settings["hidden"], settings["vocab"]
+    heads = max(hidden // 64, 1)
+    intermediate = int(hidden * 8 / 3) // 16 * 16
+    shape: dict[str, Any] = {
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": settings["layers"],
+        "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": hidden // heads,
+        "intermediate_size": intermediate, "max_position_embeddings": 1024, "bos_token_id": 1,
+        "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
+    }  # fmt: skip
+    shape |= {k: v for k, v in FAMILIES[family].items() if k != "tie_word_embeddings"}
+    if family in MOE_FAMILIES:
+        experts = settings.get("experts", 8)
+        count = "num_local_experts" if family == "mixtral" else "num_experts"
+        shape |= {count: experts, "num_experts_per_tok": 2}
+        shape["intermediate_size" if family == "mixtral" else "moe_intermediate_size"] = intermediate // 2
+    config = AutoConfig.for_model(family, **shape)
+    torch.manual_seed(settings["seed"])
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def _pairs(n: int, tokens: int, vocab: int, seed: int, prefix: str) -> list[Any]:
@@ -71,7 +86,7 @@ def probe_gradient_file(settings: dict[str, Any]) -> Path:
     from trace_ds.config import ScoreConfig
     from trace_ds.scoring.scorer import GhostScorer
 
-    model = _model(Path("."), settings["layers"], settings["hidden"], settings["vocab"], settings["seed"])
+    model = _model(settings)
     probe = _pairs(settings["probe"], settings["tokens"], settings["vocab"], settings["seed"] + 2, "probe")
     config = ScoreConfig(
         model="bench", triaged="bench", out="bench", micro_batch=settings["batch"], kernel="torch", beta=0.1
@@ -93,7 +108,7 @@ def run_arm(arm: str, settings: dict[str, Any]) -> dict[str, Any]:
     from trace_ds.scoring.scorer import GhostScorer, micro_batches
 
     torch.set_num_threads(settings["threads"])
-    model = _model(Path("."), settings["layers"], settings["hidden"], settings["vocab"], settings["seed"])
+    model = _model(settings)
     pairs = _pairs(settings["pairs"], settings["tokens"], settings["vocab"], settings["seed"] + 1, "p")
     categories = ["inversion" if i % 2 else "suppression" for i in range(len(pairs))]
     config = ScoreConfig(

@@ -46,6 +46,21 @@ class PairBatch:
             **forward_settings(model),
         ).logits
 
+    def logps(self, model: torch.nn.Module, rows: torch.Tensor | None = None, tile: int = 0) -> torch.Tensor:
+        """Summed response log-probs of ``model`` for the batch (or the given rows): through the
+        vocabulary-chunked head when ``tile`` > 0 and the model's head is a plain linear layer
+        (trace_ds/vocab_head.py), else from the full logits."""
+        from trace_ds.losses import sequence_logps
+        from trace_ds.vocab_head import head_module, run_head
+
+        if tile > 0 and head_module(model) is not None:
+            return run_head(model, self, rows, tile=tile).logps
+
+        def pick(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if rows is None else tensor.index_select(0, rows)
+
+        return sequence_logps(self.logits(model, rows), pick(self.labels), pick(self.loss_mask))
+
     def to(self, device: torch.device | str) -> PairBatch:
         return PairBatch(
             self.ids,
@@ -70,6 +85,18 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, pad_to: int | Non
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return _padded([p.id for p in pairs], rows, pad_id, pad_to)
+
+
+def text_batch(encoded: Sequence[Sequence[int]], pad_id: int) -> PairBatch:
+    """Token sequences as one right-padded batch, one row each, whose loss mask covers every predicted token
+    (perplexity: each row is an empty prompt and the whole text as the response)."""
+    return _padded([str(i) for i in range(len(encoded))], [([], ids) for ids in encoded], pad_id, None)
+
+
+def _padded(
+    ids: list[str], rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, pad_to: int | None
+) -> PairBatch:
     width = max(len(prompt) + len(response) for prompt, response in rows)
     width = max(width, pad_to or 0)
     n = len(rows)
@@ -88,6 +115,4 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, pad_to: int | Non
         loss_mask[row, start : length - 1] = 1.0
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     lengths = attention_mask.sum(-1)
-    return PairBatch(
-        [p.id for p in pairs], input_ids, attention_mask, position_ids, labels, loss_mask, lengths
-    )
+    return PairBatch(ids, input_ids, attention_mask, position_ids, labels, loss_mask, lengths)

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trace_ds.data.batching import collate_pairs, left_padded
+from trace_ds.config import DEFAULT_VOCAB_TILE
+from trace_ds.data.batching import collate_pairs, left_padded, text_batch
 from trace_ds.data.pairs import Pair
 from trace_ds.data.tokenize import TokenizeConfig, encode_prompt, tokenize_pair
 from trace_ds.models import forward_settings
@@ -34,6 +35,7 @@ class HeadSettings:
 
     beta: float = 0.1
     relational: str = "ipo"
+    vocab_tile: int = DEFAULT_VOCAB_TILE
 
 
 def preference_metrics(
@@ -61,9 +63,7 @@ def preference_metrics(
             batch = collate_pairs([tokenize_pair(p, tokenizer, tokenize) for p in chunk], pad_id).to(device)
             categories = [str(p.extra.get("category")) for p in chunk]
             weights = torch.full((len(chunk),), 1.0 if live else 0.0)
-            *_, micro = compute_losses(
-                policy, lambda b, rows: b.logits(reference, rows), batch, categories, weights, heads
-            )  # type: ignore[arg-type]
+            *_, micro = compute_losses(policy, lambda fn: fn(reference), batch, categories, weights, heads)  # type: ignore[arg-type]
             stats += micro.cpu()
     stats = strategy.all_reduce_sum(stats)
     summary = summarise_stats(stats)
@@ -179,8 +179,10 @@ def perplexity(
     batch_size: int = 16,
     max_length: int = 512,
     strategy: Any = None,
+    vocab_tile: int = DEFAULT_VOCAB_TILE,
 ) -> float:
-    """exp(mean next-token NLL) over every predicted token of ``texts`` (BOS added by the tokenizer)."""
+    """exp(mean next-token NLL) over every predicted token of ``texts`` (BOS added by the tokenizer), through
+    the vocabulary-chunked head when ``vocab_tile`` > 0."""
     strategy = strategy or _LOCAL
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -189,17 +191,10 @@ def perplexity(
         for chunk in strategy.shard(list(texts), batch_size):
             live = chunk is not None
             encoded = [tokenizer(t)["input_ids"][:max_length] for t in (chunk if live else texts[:1])]
-            width = max(len(ids) for ids in encoded)
-            ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=device)
-            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **forward_settings(model))
-            logits = logits.logits[:, :-1].float()
-            valid = mask[:, 1:].bool().reshape(-1)
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-            )
+            batch = text_batch(encoded, pad).to(device)
+            nll = -batch.logps(model, tile=vocab_tile).sum()
             if live:
-                sums += torch.tensor([float(nll[valid].sum()), float(valid.sum())], dtype=torch.float64)
+                sums += torch.tensor([float(nll), float(batch.loss_mask.sum())], dtype=torch.float64)
     sums = strategy.all_reduce_sum(sums)
     return math.exp(sums[0].item() / max(sums[1].item(), 1.0))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trace_ds.config import DEFAULT_VOCAB_TILE, check_vocab_tile
 from trace_ds.data.pairs import pair_from_record, read_pairs
 from trace_ds.data.tokenize import TokenizeConfig
 from trace_ds.evaluate.metrics import (
@@ -28,6 +29,7 @@ from trace_ds.evaluate.metrics import (
 from trace_ds.io import TraceError, iter_jsonl, read_json, write_json, write_jsonl
 from trace_ds.judge.verdicts import read_verdicts
 from trace_ds.triage import triage
+from trace_ds.vocab_head import check_head
 
 NO_TPA = "TPA not computed: no judge for this policy"
 NO_TPA_SHORT = "not computed (no judge for this policy)"
@@ -129,8 +131,10 @@ class EvalConfig:
     exclude: tuple[str, ...] = ()  # pair files whose prompts must not be evaluated (training set, probe)
     deepspeed: str | None = None
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    vocab_tile: int = DEFAULT_VOCAB_TILE
 
     def __post_init__(self) -> None:
+        check_vocab_tile(self.vocab_tile)
         folder = Path(self.data)
         missing = [
             name
@@ -182,6 +186,7 @@ def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model, required=True)
     model = strategy.prepare_inference(load_causal_lm(config.model, config.dtype))
     reference = strategy.prepare_reference(load_causal_lm(config.reference, config.dtype))
+    check_head(model, config.vocab_tile)
     pad_id = pad_token_id(tokenizer, model)
 
     seen = {prompt_key(p.prompt) for source in config.exclude for p in read_pairs(source).pairs}
@@ -198,7 +203,7 @@ def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
         config.tokenize,
         pad_id,
         config.batch_size,
-        HeadSettings(config.beta, config.relational),
+        HeadSettings(config.beta, config.relational, config.vocab_tile),
         strategy,
     )
 
@@ -270,8 +275,17 @@ def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
             "max_new_tokens": config.max_new_tokens,
         },
         "perplexity": {
-            "model": perplexity(model, tokenizer, texts, config.batch_size, strategy=strategy),
-            "reference": perplexity(reference, tokenizer, texts, config.batch_size, strategy=strategy),
+            "model": perplexity(
+                model, tokenizer, texts, config.batch_size, strategy=strategy, vocab_tile=config.vocab_tile
+            ),
+            "reference": perplexity(
+                reference,
+                tokenizer,
+                texts,
+                config.batch_size,
+                strategy=strategy,
+                vocab_tile=config.vocab_tile,
+            ),
             "texts": len(texts),
         }
         if texts

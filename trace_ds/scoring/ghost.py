@@ -64,17 +64,25 @@ class ProbeGradient:
         else:
             self.tensors[key] = grad.detach().float().clone()
 
-    def piece(self, param: torch.Tensor, index: int) -> torch.Tensor:
-        """G[index] of a stacked parameter (one expert of a fused (experts, ...) tensor). The partitioned
-        store gathers only that piece; every rank must ask for the same pieces in the same order."""
-        return self.full(param)[index]
+    def rows(self, param: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """G[start:stop] along the first dimension (a vocabulary tile of lm_head, one expert of a fused expert
+        tensor). The partitioned store gathers only those rows; every rank must ask for the same rows in the
+        same order."""
+        return self.full(param)[start:stop]
 
-    def add_piece(self, param: torch.Tensor, index: int, grad: torch.Tensor) -> None:
-        """Add ``grad`` to G[index] of a stacked parameter (see :meth:`piece`)."""
+    def add_rows(self, param: torch.Tensor, start: int, grad: torch.Tensor) -> None:
+        """Add ``grad`` to G[start:start + len(grad)] (see :meth:`rows`)."""
         key = id(param)
         if key not in self.tensors:
             self.tensors[key] = torch.zeros(_full_shape(param), dtype=torch.float32, device=grad.device)
-        self.tensors[key][index] += grad.float()
+        self.tensors[key][start : start + grad.shape[0]] += grad.float()
+
+    def piece(self, param: torch.Tensor, index: int) -> torch.Tensor:
+        """G[index] of a stacked parameter (one expert)."""
+        return self.rows(param, index, index + 1)[0]
+
+    def add_piece(self, param: torch.Tensor, index: int, grad: torch.Tensor) -> None:
+        self.add_rows(param, index, grad.unsqueeze(0))
 
     def scale_(self, factor: float) -> None:
         for tensor in self.tensors.values():
@@ -554,6 +562,15 @@ def ghost_forward_for(module: nn.Module, state: GhostState) -> Callable | None:
     return fallback_forward(module, state)  # any other owner: the generic exact path (scoring/fallback.py)
 
 
+_ACTIVE: dict[int, GhostState] = {}  # id(module) -> the state of the ghost mode it is in
+
+
+def active_state(module: nn.Module) -> GhostState | None:
+    """The ghost state ``module`` runs under, or None outside ghost mode (or for a module that owns no
+    trainable parameter). The vocabulary-chunked head asks: it computes lm_head's ghost dot itself."""
+    return _ACTIVE.get(id(module))
+
+
 @contextlib.contextmanager
 def ghost_mode(model: nn.Module, state: GhostState) -> Iterator[list[nn.Parameter]]:
     """Route every module that owns trainable parameters through the ghost functions; yields the trainable
@@ -568,6 +585,7 @@ def ghost_mode(model: nn.Module, state: GhostState) -> Iterator[list[nn.Paramete
                 continue
             patched.append((module, module.__dict__.get("forward")))
             module.forward = forward  # instance attribute: module hooks (ZeRO-3's gathers) still run
+            _ACTIVE[id(module)] = state
             for param in module.parameters(recurse=False):
                 if param.requires_grad:
                     covered[id(param)] = param
@@ -577,6 +595,7 @@ def ghost_mode(model: nn.Module, state: GhostState) -> Iterator[list[nn.Paramete
         yield list(covered.values())
     finally:
         for module, original in patched:
+            _ACTIVE.pop(id(module), None)
             if original is None:
                 del module.forward
             else:

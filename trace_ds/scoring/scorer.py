@@ -26,10 +26,11 @@ from trace_ds.data.batching import PairBatch, collate_pairs
 from trace_ds.data.pairs import Pair, read_pairs, write_pairs, write_rejects
 from trace_ds.data.tokenize import TokenizedPair, tokenize_pair
 from trace_ds.io import TraceError, append_lines, dumps, iter_jsonl_lenient, write_json, write_jsonl
-from trace_ds.losses import conflict_losses, sequence_logps
+from trace_ds.losses import conflict_losses
 from trace_ds.scoring.fallback import report_fallback
 from trace_ds.scoring.ghost import GhostState, ProbeGradient, check_coverage, ghost_mode, names_listing
 from trace_ds.scoring.probe import build_probe, category_of, probe_source_ids
+from trace_ds.vocab_head import check_head
 
 CONFLICT = ("inversion", "suppression", "unlearning")  # unlearning: the w/o-triage baseline
 
@@ -55,9 +56,10 @@ class Scored:
         return out
 
 
-def batch_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of the chosen and rejected rows, from one concatenated forward."""
-    logps = sequence_logps(batch.logits(model), batch.labels, batch.loss_mask)
+def batch_logps(model: nn.Module, batch: PairBatch, tile: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of the chosen and rejected rows, from one concatenated forward (through the
+    vocabulary-chunked head when ``tile`` > 0)."""
+    logps = batch.logps(model, tile=tile)
     n = batch.num_pairs
     return logps[:n], logps[n:]
 
@@ -101,7 +103,7 @@ class GhostScorer:
                 param.grad = None
         with ghost_mode(self.model, self.state) as covered, torch.enable_grad():
             self.covered = covered
-            chosen, rejected = batch_logps(self.model, batch)
+            chosen, rejected = batch_logps(self.model, batch, self.config.vocab_tile)
             losses = pair_losses(chosen, rejected, categories, self.config.relational, self.config.beta)
             (losses.sum() * weight).backward()
         check_coverage(self.model, self.state)
@@ -299,6 +301,7 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
     if done and strategy.is_main:
         console.print(f"resuming: {len(done)} of {len(targets)} pairs already scored in {paths['partial']}")
 
+    check_head(module, config.vocab_tile)
     scorer = GhostScorer(module, pad_id, config, store=strategy.probe_store())
     probe_tokens = tokenize_all(probe, tokenizer, config)
     dummy = probe_tokens[:1]
