@@ -170,7 +170,7 @@ def _losses(model: torch.nn.Module, pairs: list[Any], cats: list[str], config: A
     from trace_ds.scoring.scorer import batch_logps, pair_losses
 
     batch = collate_pairs(pairs, 0)
-    chosen, rejected = batch_logps(model, batch)
+    chosen, rejected = batch_logps(model, batch, config.vocab_tile)
     return pair_losses(chosen, rejected, cats, config.relational, config.beta)
 
 
