@@ -7,6 +7,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRACE_DS_GHOST_CHECKS", "1")  # the kernel's offsets checks (one host sync per layer)
 
 
 from pathlib import Path

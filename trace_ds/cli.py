@@ -489,6 +489,14 @@ def _tokenize_config(options: dict[str, Any]) -> Any:
     is_flag=True,
     help="Recompute each layer in the backward: activations of one layer at a time (same scores).",
 )
+@click.option(
+    "--g-dtype",
+    type=click.Choice(["float32", "model"]),
+    default="float32",
+    show_default=True,
+    help="Dtype G is kept and (ZeRO-3) gathered in while scoring: model = the model's bf16/fp16, half the bytes "
+    "(error measured in docs/method.md); the Triton kernel uses the model's dtype either way.",
+)
 @vocab_tile_option
 @tokenize_options
 @lora_options

@@ -75,9 +75,12 @@ class ScoreConfig:
     gradient_checkpointing: bool = False
     on_bad_record: Literal["error", "skip"] = "error"
     vocab_tile: int = DEFAULT_VOCAB_TILE
+    g_dtype: Literal["float32", "model"] = "float32"
 
     def __post_init__(self) -> None:
         check_vocab_tile(self.vocab_tile)
+        if self.g_dtype not in ("float32", "model"):
+            raise TraceError(f"--g-dtype {self.g_dtype!r}: use float32 or model")
         if self.beta <= 0:
             raise TraceError(f"--beta {self.beta}: must be positive (IPO's target is 1/(2 beta))")
         if self.relational not in ("ipo", "dpo"):
@@ -110,6 +113,7 @@ class ScoreConfig:
             "relational",
             "beta",
             "dtype",
+            "g_dtype",
         )
         data = {key: getattr(self, key) for key in keys}
         data["lora"] = asdict(self.lora) if self.lora else None

@@ -381,6 +381,8 @@ class ReducedProbeGradient(ProbeGradient):
         dist.all_reduce(total)
         super().add(param, total)
 
+    index_add = ProbeGradient._dense_index_add
+
     def add_rows(self, param: torch.Tensor, start: int, grad: torch.Tensor) -> None:
         import torch.distributed as dist
 
@@ -436,6 +438,8 @@ class PartitionedProbeGradient(ProbeGradient):
             dist.all_gather_into_tensor(gathered, mine)
         return gathered[:numel].view(shape)
 
+    index_add = ProbeGradient._dense_index_add
+
     def _spans(self, param: torch.Tensor, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
         """For rows [start, stop) of a parameter (flattened: [lo, hi)): per rank whose shard overlaps them,
         (rank, offset in the rows, offset in that rank's shard, length)."""
@@ -456,7 +460,7 @@ class PartitionedProbeGradient(ProbeGradient):
 
         mine = ProbeGradient.full(self, param)
         _, shape = _full_numel_shape(param)
-        out = torch.empty((stop - start, *shape[1:]), dtype=torch.float32, device=mine.device)
+        out = torch.empty((stop - start, *shape[1:]), dtype=mine.dtype, device=mine.device)
         flat = out.view(-1)
         for rank, at, offset, length in self._spans(param, start, stop):
             part = flat[at : at + length]

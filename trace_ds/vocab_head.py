@@ -169,7 +169,7 @@ def _weight_backward(
             if want_w:
                 state.add_linear_scores(hidden, dz, state.store.rows(weight, start, stop), ghost.offsets)
             if want_b:
-                per_token = dz.float().matmul(state.store.rows(bias, start, stop))
+                per_token = dz.float().matmul(state.store.rows(bias, start, stop).float())
                 state.scores += torch.segment_reduce(per_token, "sum", offsets=ghost.offsets)
     if ghost is not None:
         ghost.state.touched.update(id(p) for p in (weight, bias) if p is not None and p.requires_grad)

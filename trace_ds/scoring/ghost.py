@@ -30,6 +30,7 @@ import ast
 import contextlib
 import functools
 import inspect
+import os
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from torch import nn
 from trace_ds.io import TraceError
 
 Mode = Literal["probe", "score"]
+CHECKS_ENV = "TRACE_DS_GHOST_CHECKS"
 
 
 class ProbeGradient:
@@ -84,6 +86,26 @@ class ProbeGradient:
     def add_piece(self, param: torch.Tensor, index: int, grad: torch.Tensor) -> None:
         self.add_rows(param, index, grad.unsqueeze(0))
 
+    def index_add(self, param: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """G[index[i]] += rows[i] (the embedding's probe gradient), without a dense (V, d) temporary."""
+        key = id(param)
+        if key not in self.tensors:
+            self.tensors[key] = torch.zeros(_full_shape(param), dtype=torch.float32, device=rows.device)
+        self.tensors[key].index_add_(0, index, rows.float())
+
+    def _dense_index_add(self, param: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """index_add through :meth:`add` (stores that reduce each contribution over ranks need it whole)."""
+        grad = torch.zeros(_full_shape(param), dtype=torch.float32, device=rows.device)
+        self.add(param, grad.index_add_(0, index, rows.float()))
+
+    def freeze(self, dtype: torch.dtype) -> None:
+        """After the probe pass: keep G in the dtype the scoring passes read it in, cast once for the whole
+        stage (not per layer and micro-batch). fp32 unless the kernel needs the model's 16-bit dtype (the
+        Triton kernel's tl.dot takes equal operand types) or ``--g-dtype model`` asks for it (half the bytes
+        kept and, under ZeRO-3, gathered)."""
+        if dtype != torch.float32:
+            self.tensors = {key: tensor.to(dtype) for key, tensor in self.tensors.items()}
+
     def scale_(self, factor: float) -> None:
         for tensor in self.tensors.values():
             tensor.mul_(factor)
@@ -108,6 +130,8 @@ class GhostState:
     batch_shape: tuple[int, int] | None = None  # (rows, length) of the batch being run
     touched: set[int] = field(default_factory=set)  # ids of parameters a ghost backward reached (coverage)
     names: dict[int, str] = field(default_factory=dict)  # module id -> its name in the model (messages)
+    # the kernel's offsets check costs one host sync per layer: off unless TRACE_DS_GHOST_CHECKS=1 (tests)
+    check_offsets: bool = field(default_factory=lambda: os.environ.get(CHECKS_ENV, "") == "1")
 
     def set_batch(self, attention_mask: torch.Tensor) -> None:
         flat = attention_mask.reshape(-1)
@@ -209,12 +233,15 @@ class GhostState:
         from trace_ds.kernels.ghost_dot import ghost_dot
 
         assert self.scores is not None
+        if self.kernel == "triton" and g.dtype != a.dtype:  # tl.dot: equal operand types (the torch path
+            g = g.to(a.dtype)  # computes in fp32 whatever it gets); G is frozen in a.dtype for this kernel
         self.scores += ghost_dot(
             a,
             d,
-            g.to(a.dtype) if a.dtype != torch.float32 else g,
+            g,
             self.offsets() if offsets is None else offsets,
             backend=self.kernel,
+            check_offsets=self.check_offsets,
         )
 
     def add_token_scores(self, per_token: torch.Tensor) -> None:
@@ -278,7 +305,7 @@ class _GhostLinear(torch.autograd.Function):
                 if _param_needs(weight):
                     state.add_linear_scores(a, d, state.store.full(weight))
                 if _param_needs(bias):
-                    state.add_token_scores(d.float().matmul(state.store.full(bias)))
+                    state.add_token_scores(d.float().matmul(state.store.full(bias).float()))
             state.touched.update(id(p) for p in (weight, bias) if _param_needs(p))
         return grad_x, None, None, None
 
@@ -305,12 +332,11 @@ class _GhostEmbedding(torch.autograd.Function):
             # F.embedding gives the padding_idx row no gradient: a real token equal to it (pad = eos is
             # common) adds nothing to the embedding's G or score (a tied head's use of that row still does).
             if state.mode == "probe":
-                grad = torch.zeros(weight.shape, dtype=torch.float32, device=d.device).index_add_(0, rows, d)
                 if padding_idx is not None:
-                    grad[padding_idx] = 0.0
-                state.store.add(weight, grad)
+                    d = d.masked_fill((rows == padding_idx)[:, None], 0.0)
+                state.store.index_add(weight, rows, d)
             else:
-                per_token = (state.store.full(weight).index_select(0, rows) * d).sum(-1)
+                per_token = (state.store.full(weight).index_select(0, rows).float() * d).sum(-1)
                 if padding_idx is not None:
                     per_token = per_token.masked_fill(rows == padding_idx, 0.0)
                 state.add_token_scores(per_token)
@@ -496,7 +522,7 @@ class _GhostNorm(torch.autograd.Function):
             if state.mode == "probe":
                 state.store.add(weight, dn.sum((0, 1)))
             else:
-                state.add_token_scores(dn.sum(1).matmul(state.store.full(weight)))
+                state.add_token_scores(dn.sum(1).matmul(state.store.full(weight).float()))
             state.touched.add(id(weight))
         return grad_x, None, None, None, None, None
 

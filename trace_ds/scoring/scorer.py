@@ -138,7 +138,15 @@ class GhostScorer:
                 stacklevel=2,
             )
         self.state.store.zeros_for([p for p in self.model.parameters() if p.requires_grad])
+        self.state.store.freeze(self.g_dtype())
         return self.state.store
+
+    def g_dtype(self) -> torch.dtype:
+        """The dtype G is kept in while scoring: fp32, or the model's 16-bit dtype for the Triton kernel (its
+        tl.dot needs equal operand types) and with ``--g-dtype model``."""
+        model_dtype = next(self.model.parameters()).dtype
+        wanted = self.kernel == "triton" or self.config.g_dtype == "model"
+        return model_dtype if wanted and model_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
     def score(self, pairs: Sequence[TokenizedPair], categories: Sequence[str]) -> list[float]:
         """Raw scores of one micro-batch of conflict pairs: row scores of chosen + rejected."""
