@@ -100,7 +100,8 @@ def triaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_lora_targets_default_or_family_specific(family: str, families: dict[str, Path]) -> None:
     """The default --lora-targets attach to every family not in LORA_TARGETS; on the others attach_lora refuses
-    them naming exactly the missing modules. The chosen targets attach, and `trace-ds plan --lora` counts the
+    them naming exactly the missing modules, and so does `trace-ds plan`. The chosen targets attach, and
+    `trace-ds plan --lora` counts the
     adapters' elements as attach_lora makes them."""
     from trace_ds.plan import model_shape
 
@@ -111,6 +112,8 @@ def test_lora_targets_default_or_family_specific(family: str, families: dict[str
         assert missing, f"{family} has every default target: drop it from LORA_TARGETS"
         with pytest.raises(TraceError, match=rf"--lora-targets {','.join(missing)}: no such module"):
             attach_lora(model, LoraConfig(r=RANK))
+        with pytest.raises(TraceError, match=rf"--lora-targets {','.join(sorted(missing))}: no such linear"):
+            model_shape(str(families[family]), LoraConfig(r=RANK))  # the plan refuses them too
     else:
         assert not missing
     targets = lora_targets(family)

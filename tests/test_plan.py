@@ -86,7 +86,7 @@ def test_errors_with_brackets_print_verbatim() -> None:
     [
         (["--zero", "2", "--offload-reference"], "--offload-reference needs --zero 3"),
         (["--zero", "2", "--deepspeed", "ds_configs/cpu.json"], "is ZeRO-3 but --zero is 2"),
-        (["--lora", "--lora-targets", "nope"], "none of ['nope'] is a linear module"),
+        (["--lora", "--lora-targets", "nope"], "--lora-targets nope: no such linear module"),
     ],
 )
 def test_bad_options_are_named(

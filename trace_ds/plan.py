@@ -76,11 +76,17 @@ def model_shape(model: str, lora: LoraConfig | None = None) -> ModelShape:
     lora_params = 0
     if lora is not None:
         targets = set(lora.target_modules)
+        found = set()
         for name, module in built.named_modules():
             if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
                 lora_params += lora.r * (module.in_features + module.out_features)
-        if lora_params == 0:
-            raise TraceError(f"--lora: none of {sorted(targets)} is a linear module of {model}")
+                found.add(name.rsplit(".", 1)[-1])
+        missing = sorted(targets - found)
+        if missing:  # as score/train refuse them (models.attach_lora): the plan must not count fewer adapters
+            raise TraceError(
+                f"--lora-targets {','.join(missing)}: no such linear module in {model} (Phi-3 fuses qkv_proj and "
+                "gate_up_proj; MoE experts are not linear modules: name the model's own modules)"
+            )
     heads = int(config.num_attention_heads)
     hidden = int(config.hidden_size)
     return ModelShape(
