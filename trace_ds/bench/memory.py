@@ -154,6 +154,7 @@ def measure_stages(
     gradient_checkpointing: bool = False,
     steps: int = 2,
     lora: bool = False,
+    vocab_tile: int | None = None,
 ) -> dict[str, list[float]]:
     """Run `trace-ds score` and `trace-ds train` (``steps`` optimizer steps) with a memory report; returns
     the per-rank peak growth (MiB) of each recorded segment, e.g. ``score:end`` and ``train:steps``."""
@@ -180,6 +181,7 @@ def measure_stages(
         ["--gradient-checkpointing"] if gradient_checkpointing else []
     )
     common += ["--lora"] if lora else []  # default rank and targets: train reuses score's initial adapter
+    common += ["--vocab-tile", str(vocab_tile)] if vocab_tile is not None else []
     scores = workdir / "scores.jsonl"
     score_args = ["score", *common, "--out", str(scores), "--probe-size", str(micro_batch * ranks)]
     launch([*score_args, "--allow-empty"], ranks, {REPORT_ENV: str(report)}, workdir / "score.log")
