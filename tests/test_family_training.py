@@ -364,7 +364,7 @@ def test_zero3_partitioned_loading_on_every_layout(families: dict[str, Path], tm
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("family", ["gemma2", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_eval_runs(family: str, families: dict[str, Path], pairs: dict[str, Path], tmp_path: Path) -> None:
     from trace_ds.cli import main
 
