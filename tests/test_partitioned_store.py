@@ -37,6 +37,9 @@ def _rank(rank: int, world: int, port: int, errors: mp.Queue[str]) -> None:
             torch.testing.assert_close(whole.full(param), total)
             for index in range(shape[0]):
                 assert torch.equal(pieces.piece(param, index), whole.full(param)[index]), (shape, index)
+            # any rows, each rank its own (an embedding's tokens), repeats included
+            index = torch.tensor([shape[0] - 1, 0, shape[0] - 1] if rank == 0 else [min(1, shape[0] - 1)])
+            assert torch.equal(whole.select_rows(param, index), whole.full(param).index_select(0, index))
             for start in range(shape[0]):  # any row range (vocabulary tiles of lm_head)
                 for stop in range(start + 1, shape[0] + 1):
                     assert torch.equal(whole.rows(param, start, stop), whole.full(param)[start:stop])

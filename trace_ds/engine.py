@@ -469,6 +469,36 @@ class PartitionedProbeGradient(ProbeGradient):
             dist.broadcast(part, src=rank)
         return out
 
+    def select_rows(self, param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """G[index] with only the union of the rows the ranks ask for crossing the network: the ranks share
+        their row ids, each fills the parts of those rows its shard holds, and one all-reduce sums them (a
+        batch's tokens touch a few thousand of a 128k vocabulary's rows)."""
+        import torch.distributed as dist
+
+        mine = ProbeGradient.full(self, param)
+        numel, shape = _full_numel_shape(param)
+        width = numel // int(shape[0])
+        unique, inverse = torch.unique(index, return_inverse=True)
+        counts = [torch.zeros(1, dtype=torch.long, device=index.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([unique.numel()], device=index.device))
+        longest = int(max(c.item() for c in counts))
+        padded = torch.full((longest,), -1, dtype=torch.long, device=index.device)
+        padded[: unique.numel()] = unique
+        everyone = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(everyone, padded)
+        wanted = torch.unique(torch.cat(everyone))
+        wanted = wanted[wanted >= 0]
+        # flat position of each wanted entry; keep those inside this rank's shard
+        shard = self._shard_size(numel)
+        flat = wanted[:, None] * width + torch.arange(width, device=wanted.device)
+        local = flat - self.rank * shard
+        inside = (local >= 0) & (local < mine.numel())
+        rows = torch.zeros(flat.shape, dtype=mine.dtype, device=mine.device)
+        rows[inside] = mine[local[inside]]
+        dist.all_reduce(rows)
+        picked = rows.index_select(0, torch.searchsorted(wanted, unique)).index_select(0, inverse)
+        return picked.view(-1, *shape[1:])
+
     def add_rows(self, param: torch.Tensor, start: int, grad: torch.Tensor) -> None:
         import torch.distributed as dist
 

@@ -79,6 +79,11 @@ class ProbeGradient:
             self.tensors[key] = torch.zeros(_full_shape(param), dtype=torch.float32, device=grad.device)
         self.tensors[key][start : start + grad.shape[0]] += grad.float()
 
+    def select_rows(self, param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """G[index] for a 1-D tensor of row ids (the embedding rows of a batch's tokens): the partitioned
+        store gathers only the rows some rank asked for, never the whole (V, d) tensor."""
+        return self.full(param).index_select(0, index)
+
     def piece(self, param: torch.Tensor, index: int) -> torch.Tensor:
         """G[index] of a stacked parameter (one expert)."""
         return self.rows(param, index, index + 1)[0]
@@ -336,7 +341,7 @@ class _GhostEmbedding(torch.autograd.Function):
                     d = d.masked_fill((rows == padding_idx)[:, None], 0.0)
                 state.store.index_add(weight, rows, d)
             else:
-                per_token = (state.store.full(weight).index_select(0, rows).float() * d).sum(-1)
+                per_token = (state.store.select_rows(weight, rows).float() * d).sum(-1)
                 if padding_idx is not None:
                     per_token = per_token.masked_fill(rows == padding_idx, 0.0)
                 state.add_token_scores(per_token)
