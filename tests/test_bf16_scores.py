@@ -181,10 +181,11 @@ def test_bf16_model_bf16_g(family: str) -> None:
         assert 0 < change <= G_DTYPE_MAX_COSINE_CHANGE, (seed, change)
 
 
-def test_fp32_g_is_at_least_as_accurate_as_bf16_g() -> None:
-    """Mean cosine error against fp64 over every family, seed and pair: B <= C. Measured 7.12e-4 vs 7.14e-4:
-    G's rounding is small next to the bf16 model's own error (see the module docstring), so the margin is too;
-    on tied models (not run here) the two means came within 5e-7 of each other, either way round."""
+def test_the_g_dtype_barely_changes_the_mean_error() -> None:
+    """Mean cosine error against fp64 over every family, seed and pair, with G in fp32 (B) and in bf16 (C):
+    within 2% of each other (measured 7.12e-4 vs 7.14e-4). G's rounding is small next to the bf16 model's own
+    error (see the module docstring): which of the two comes out ahead is noise (on tied models C did, by
+    5e-7), so the check is on the size of the difference, not its sign."""
     errors = {mode: [] for mode in ("B", "C")}
     for family in FAMILIES:
         for seed in SEEDS:
@@ -192,7 +193,7 @@ def test_fp32_g_is_at_least_as_accurate_as_bf16_g() -> None:
             for mode, out in errors.items():
                 out += cosine_errors(run.modes[mode], run.ref, run.norms, run.g_norm)
     mean_b, mean_c = (math.fsum(e) / len(e) for e in errors.values())
-    assert mean_b <= mean_c, (mean_b, mean_c)
+    assert abs(mean_b - mean_c) <= 0.02 * mean_c, (mean_b, mean_c)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
