@@ -144,7 +144,8 @@ def reference_loss(model, pair: TokenizedPair, category: str, cfg: ScoreConfig) 
         labels[0, :-1] = ids[0, 1:]
         mask = torch.zeros(ids.shape, dtype=torch.float64)
         mask[0, len(pair.prompt_ids) - 1 : ids.shape[1] - 1] = 1
-        logps.append(sequence_logps(logits, labels, mask)[0])
+        total = sequence_logps(logits, labels, mask)[0]
+        logps.append(total / mask.sum() if cfg.logp_reduction == "mean" else total)
     rc, rr = (lp - lp.detach() for lp in logps)
     if category == "suppression":
         return suppression_loss(rc, rr, cfg.beta)

@@ -5,6 +5,7 @@ after its first section keeps that section in the results file."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -62,10 +63,8 @@ def _assert_no_leftovers(tag: str, out: Path) -> None:
         time.sleep(0.2)
     left = _tagged_processes(tag)
     for pid in left:  # never leave them running, whatever the assertion says
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
     assert not left, f"processes of the script left running: {left}"
     assert not list(out.parent.glob(f"{out.name}.tmp*")), "a temporary results file was left behind"
 

@@ -53,15 +53,20 @@ CASES = {
     "tied": {"tied": True},
     "lora": {"tied": False, "lora": True},
     "lora-tied-dpo": {"tied": True, "lora": True, "relational": "dpo"},
+    "mean": {"tied": False, "logp_reduction": "mean"},
+    "tied-mean-dpo": {"tied": True, "logp_reduction": "mean", "relational": "dpo"},
+    "lora-mean": {"tied": False, "lora": True, "logp_reduction": "mean"},
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_scores_equal_fp64_per_pair_autograd(case: str) -> None:
+    """Both log-prob reductions (--logp-reduction sum | mean), IPO and DPO, full and LoRA."""
     options = dict(CASES[case])
     relational = options.pop("relational", "ipo")
+    reduction = options.pop("logp_reduction", "sum")
     model = tiny_model(**options)
-    cfg = config(relational=relational, beta=0.5)
+    cfg = config(relational=relational, beta=0.5, logp_reduction=reduction)
     probe = random_pairs(5, seed=10, prefix="probe")
     pairs = random_pairs(9, seed=11)
     categories = [("suppression", "inversion", "unlearning")[i % 3] for i in range(len(pairs))]

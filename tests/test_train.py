@@ -413,3 +413,30 @@ def test_precomputed_reference_logps_give_the_same_training(
         losses[name] = [m["loss"] for m in read_lines(out / "metrics.jsonl")]
     assert (tmp_path / "precomputed" / "reference_logps.jsonl").exists()
     assert losses["precomputed"] == pytest.approx(losses["live"], rel=1e-4, abs=1e-6)
+
+
+def test_training_refuses_scores_of_another_logp_reduction(
+    tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """The impact weights are for the loss they were computed with: scores made with --logp-reduction mean
+    do not train with the default sum (nor the other way round), and the message names both."""
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text(data["scores"].read_text())
+    (tmp_path / "scores.meta.json").write_text(json.dumps({"logp_reduction": "mean", "lora": None}))
+    result = run(
+        train_command(tiny_model_dir, {**data, "scores": scores}, tmp_path / "out", "--max-steps", "1")
+    )
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "--logp-reduction mean" in message and "--logp-reduction sum" in message
+    result = run(
+        train_command(
+            tiny_model_dir,
+            {**data, "scores": scores},
+            tmp_path / "out2",
+            "--max-steps",
+            "1",
+            "--logp-reduction",
+            "mean",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

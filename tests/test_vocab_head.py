@@ -13,7 +13,7 @@ from torch import nn
 from trace_ds.config import TrainConfig
 from trace_ds.data.batching import collate_pairs
 from trace_ds.io import TraceError
-from trace_ds.losses import reduce_step_loss, sequence_logps, token_kl
+from trace_ds.losses import reduce_logps, reduce_step_loss, sequence_logps, token_kl
 from trace_ds.train import compute_losses
 from trace_ds.vocab_head import check_head, run_head
 
@@ -123,10 +123,11 @@ def test_ghost_scores_with_a_tiled_head_are_exact(family: str, tied: bool) -> No
     assert max(cosine_errors(tiled, full, norms, g_norm)) <= 1e-6
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("precomputed", [False, True], ids=["live-reference", "precomputed-reference"])
-def test_the_training_step_equals_the_full_logits_path(precomputed: bool, tmp_path) -> None:
+def test_the_training_step_equals_the_full_logits_path(precomputed: bool, reduction: str, tmp_path) -> None:
     """compute_losses with the chunked head: the same per-pair losses, KL (retention rows only) and step
-    gradient as with full logits."""
+    gradient as with full logits, with log-probs summed or averaged per token."""
     model = family_model("gemma2")
     reference = drifted(model)
     pairs = random_pairs(6, seed=12, vocab=VOCAB)
@@ -138,11 +139,17 @@ def test_the_training_step_equals_the_full_logits_path(precomputed: bool, tmp_pa
     pre = None
     if precomputed:
         with torch.no_grad():
-            pre = sequence_logps(batch.logits(reference), batch.labels, batch.loss_mask)
+            pre = reduce_logps(
+                sequence_logps(batch.logits(reference), batch.labels, batch.loss_mask),
+                batch.loss_mask,
+                reduction,
+            )
     params = list(model.parameters())
     out = {}
     for tile in (0, 5):
-        config = TrainConfig(**common, out=str(tmp_path / f"o{tile}"), vocab_tile=tile)
+        config = TrainConfig(
+            **common, out=str(tmp_path / f"o{tile}"), vocab_tile=tile, logp_reduction=reduction
+        )
         conflict, conflict_w, kl, _ = compute_losses(
             model, lambda fn: fn(reference), batch, categories, weights, config, pre
         )

@@ -50,6 +50,14 @@ def check_vocab_tile(tile: int) -> None:
         )
 
 
+def check_logp_reduction(reduction: str) -> None:
+    if reduction not in ("sum", "mean"):
+        raise TraceError(
+            f"--logp-reduction {reduction!r}: use sum (log-probs summed over response tokens, the paper's) or "
+            "mean (per token, the scale IPO's target 1/(2 beta) assumes)"
+        )
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """``trace-ds score``: impact scores of conflict pairs against a policy probe."""
@@ -76,9 +84,11 @@ class ScoreConfig:
     on_bad_record: Literal["error", "skip"] = "error"
     vocab_tile: int = DEFAULT_VOCAB_TILE
     g_dtype: Literal["float32", "model"] = "float32"
+    logp_reduction: Literal["sum", "mean"] = "sum"
 
     def __post_init__(self) -> None:
         check_vocab_tile(self.vocab_tile)
+        check_logp_reduction(self.logp_reduction)
         if self.g_dtype not in ("float32", "model"):
             raise TraceError(f"--g-dtype {self.g_dtype!r}: use float32 or model")
         if self.beta <= 0:
@@ -114,6 +124,7 @@ class ScoreConfig:
             "beta",
             "dtype",
             "g_dtype",
+            "logp_reduction",
         )
         data = {key: getattr(self, key) for key in keys}
         data["lora"] = asdict(self.lora) if self.lora else None
@@ -162,9 +173,11 @@ class TrainConfig:
     category_proportions: tuple[tuple[str, float], ...] | None = None
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     vocab_tile: int = DEFAULT_VOCAB_TILE
+    logp_reduction: Literal["sum", "mean"] = "sum"
 
     def __post_init__(self) -> None:
         check_vocab_tile(self.vocab_tile)
+        check_logp_reduction(self.logp_reduction)
         if self.epochs is not None and self.max_steps is not None:
             raise TraceError("give --epochs or --max-steps, not both (--max-steps cycles epochs as needed)")
         if (self.epochs is not None and self.epochs < 1) or (

@@ -18,6 +18,18 @@ import torch
 import torch.nn.functional as F
 
 Relational = Literal["ipo", "dpo"]
+LogpReduction = Literal["sum", "mean"]
+
+
+def reduce_logps(sums: torch.Tensor, loss_mask: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Per-row response log-probs from their sums: the sum itself (the paper's convention), or the mean per
+    response token (``mean``, the length normalisation TRL and the IPO authors use for IPO: its target margin
+    1/(2 beta) assumes a per-token scale)."""
+    if reduction == "sum":
+        return sums
+    if reduction == "mean":
+        return sums / loss_mask.sum(-1).clamp(min=1).to(sums.dtype)
+    raise ValueError(f"unknown log-prob reduction {reduction!r}; use 'sum' or 'mean'")
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

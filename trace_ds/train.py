@@ -29,7 +29,7 @@ from trace_ds.data.pairs import iter_pairs, read_pairs
 from trace_ds.data.stream import PairStream, TrainRecord, load_weights
 from trace_ds.data.tokenize import tokenize_pair
 from trace_ds.io import TraceError, dumps, read_json, write_json, write_text
-from trace_ds.losses import conflict_losses, reduce_step_loss, sequence_logps, token_kl
+from trace_ds.losses import conflict_losses, reduce_logps, reduce_step_loss, sequence_logps, token_kl
 from trace_ds.vocab_head import check_head
 
 # Sums reduced across ranks for logging (one tensor, one all-reduce per step).
@@ -85,13 +85,14 @@ def compute_losses(
     rows = torch.nonzero(is_ret & live, as_tuple=False).squeeze(-1)
     rows = rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=device)
     tile = getattr(config, "vocab_tile", 0)
+    reduction = getattr(config, "logp_reduction", "sum")
     if tile > 0 and head_module(policy) is not None:
         with torch.no_grad():
             if reference_logps is None:  # every row, keeping the hidden states of the KL rows
                 ref = with_reference(
                     lambda m: run_head(m, batch, tile=tile, kl_rows=rows, keep_reference=True)
                 )
-                ref_logps = ref.logps
+                ref_logps = reduce_logps(ref.logps, batch.loss_mask, reduction)
             else:
                 ref = with_reference(
                     lambda m: run_head(
@@ -101,16 +102,20 @@ def compute_losses(
                 )  # fmt: skip
                 ref_logps = reference_logps.to(device)
         result = run_head(policy, batch, tile=tile, kl_rows=rows, reference=ref.reference)
-        logps = result.logps
+        logps = reduce_logps(result.logps, batch.loss_mask, reduction)
         assert result.kl is not None
         kl = result.kl[:n]
     else:
         logits = batch.logits(policy)
-        logps = sequence_logps(logits, batch.labels, batch.loss_mask)
+        logps = reduce_logps(
+            sequence_logps(logits, batch.labels, batch.loss_mask), batch.loss_mask, reduction
+        )
         with torch.no_grad():
             if reference_logps is None:
                 ref_logits = with_reference(lambda m: batch.logits(m))
-                ref_logps = sequence_logps(ref_logits, batch.labels, batch.loss_mask)
+                ref_logps = reduce_logps(
+                    sequence_logps(ref_logits, batch.labels, batch.loss_mask), batch.loss_mask, reduction
+                )
                 ref_logits = ref_logits.index_select(0, rows)
             else:
                 ref_logps = reference_logps.to(device)
@@ -288,6 +293,13 @@ class Trainer:
             raise TraceError(
                 f"{cfg.scores} was scored with LoRA adapters; train with --lora (from its initial adapter)"
             )
+        scored_with = meta.get("logp_reduction", "sum")  # scores written before the option summed
+        if meta and scored_with != cfg.logp_reduction:
+            raise TraceError(
+                f"{cfg.scores} was scored with --logp-reduction {scored_with}, and this run trains with "
+                f"--logp-reduction {cfg.logp_reduction}: the impact weights are for the loss they were computed "
+                "with; use the same reduction in both stages"
+            )
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
@@ -357,6 +369,7 @@ class Trainer:
             "triaged": cfg.triaged,
             "scores": cfg.scores,
             "tokenize": asdict(cfg.tokenize),
+            "logp_reduction": cfg.logp_reduction,
         }
         if cache.exists():
             lines = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
@@ -381,7 +394,9 @@ class Trainer:
                     or self._any_dummy()
                 )
                 batch, _, _ = self._batch(chunk)
-                logps = self.with_reference(lambda m, b=batch: b.logps(m, tile=cfg.vocab_tile)).tolist()
+                logps = self.with_reference(
+                    lambda m, b=batch: b.logps(m, tile=cfg.vocab_tile, reduction=cfg.logp_reduction)
+                ).tolist()
                 n = len(chunk)
                 found.update({r.pair.id: (logps[i], logps[n + i]) for i, r in enumerate(chunk)})
         merged = {k: v for part in strategy.all_gather_object(found) for k, v in part.items()}

@@ -36,6 +36,7 @@ class HeadSettings:
     beta: float = 0.1
     relational: str = "ipo"
     vocab_tile: int = DEFAULT_VOCAB_TILE
+    logp_reduction: str = "sum"
 
 
 def preference_metrics(

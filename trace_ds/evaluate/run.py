@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trace_ds.config import DEFAULT_VOCAB_TILE, check_vocab_tile
+from trace_ds.config import DEFAULT_VOCAB_TILE, check_logp_reduction, check_vocab_tile
 from trace_ds.data.pairs import pair_from_record, read_pairs
 from trace_ds.data.tokenize import TokenizeConfig
 from trace_ds.evaluate.metrics import (
@@ -132,9 +132,11 @@ class EvalConfig:
     deepspeed: str | None = None
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     vocab_tile: int = DEFAULT_VOCAB_TILE
+    logp_reduction: str = "sum"
 
     def __post_init__(self) -> None:
         check_vocab_tile(self.vocab_tile)
+        check_logp_reduction(self.logp_reduction)
         folder = Path(self.data)
         missing = [
             name
@@ -203,7 +205,7 @@ def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
         config.tokenize,
         pad_id,
         config.batch_size,
-        HeadSettings(config.beta, config.relational, config.vocab_tile),
+        HeadSettings(config.beta, config.relational, config.vocab_tile, config.logp_reduction),
         strategy,
     )
 

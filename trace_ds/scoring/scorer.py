@@ -56,10 +56,12 @@ class Scored:
         return out
 
 
-def batch_logps(model: nn.Module, batch: PairBatch, tile: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of the chosen and rejected rows, from one concatenated forward (through the
-    vocabulary-chunked head when ``tile`` > 0)."""
-    logps = batch.logps(model, tile=tile)
+def batch_logps(
+    model: nn.Module, batch: PairBatch, tile: int = 0, reduction: str = "sum"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response log-probs (summed, or per-token means) of the chosen and rejected rows, from one concatenated
+    forward (through the vocabulary-chunked head when ``tile`` > 0)."""
+    logps = batch.logps(model, tile=tile, reduction=reduction)
     n = batch.num_pairs
     return logps[:n], logps[n:]
 
@@ -103,7 +105,9 @@ class GhostScorer:
                 param.grad = None
         with ghost_mode(self.model, self.state) as covered, torch.enable_grad():
             self.covered = covered
-            chosen, rejected = batch_logps(self.model, batch, self.config.vocab_tile)
+            chosen, rejected = batch_logps(
+                self.model, batch, self.config.vocab_tile, self.config.logp_reduction
+            )
             losses = pair_losses(chosen, rejected, categories, self.config.relational, self.config.beta)
             (losses.sum() * weight).backward()
         check_coverage(self.model, self.state)
@@ -399,6 +403,7 @@ def _metadata(
         "probe_holdout": config.probe_holdout,
         "relational": config.relational,
         "beta": config.beta,
+        "logp_reduction": config.logp_reduction,
         "normalize": config.normalize,
         "kernel": scorer.kernel,
         "dtype": config.dtype,
