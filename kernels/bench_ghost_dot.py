@@ -1,12 +1,17 @@
 """Benchmark the fused ghost dot-product kernel at Llama-8B linear-layer shapes.
 
-    python kernels/bench_ghost_dot.py [--quick] [--sweep] [--out FILE.md]
+    python kernels/bench_ghost_dot.py [--quick] [--sweep] [--short-sweep] [--tiny] [--out FILE.md]
 
 On CUDA it times (CUDA events, warm-up, median) the Triton kernel, the cuBLAS floor ``a @ g.T`` alone (same
 shapes and dtype: the kernel does this matmul plus a fused epilogue, so cuBLAS time is the bar) and the plain-torch
 reference, and checks accuracy against an fp64 reference on a token subset. Without CUDA it times only the torch
 reference against a plain matmul at reduced shapes: the Triton interpreter is a correctness tool, not a
 performance measure. Every number printed is measured in this run.
+
+``--short-sweep`` is the whole measurement sized for a short GPU session (scripts/gpu_check.sh): every shape and
+both token counts, at most 3 timed repetitions and 0.5 s per measurement, then the block-size sweep with its
+first 3 configurations per dtype. ``--tiny`` swaps in tiny shapes (1/64 of the widths, 256 tokens): a
+seconds-long smoke run, e.g. on the CPU with TRITON_INTERPRET=1 (``gpu_check.sh --cpu-smoke``).
 """
 
 from __future__ import annotations
@@ -29,11 +34,16 @@ except ImportError:  # running from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from ghost_dot import HAS_TRITON, ghost_dot_torch, ghost_dot_triton, kernels_interpreted  # type: ignore
 
-# (d_in, d_out) of Llama-3.1-8B's linear layers: q/o proj, k/v proj, gate/up proj, down proj.
-LLAMA8B_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
+# (d_in, d_out) of Llama-3.1-8B's linear layers: q/o proj, k/v proj, gate/up proj, down proj, and lm_head
+# (hidden 4096 -> the Llama 3 vocabulary of 128256).
+LLAMA8B_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (4096, 128256)]
 GPU_TOKENS = [8192, 16384]
-CPU_SHAPES = [(512, 512), (512, 128), (512, 1792), (1792, 512)]  # same aspect ratios, 1/8 the width
+# the same aspect ratios at 1/8 the width (CPU), 1/64 (--tiny)
+CPU_SHAPES = [(512, 512), (512, 128), (512, 1792), (1792, 512), (512, 16032)]
 CPU_TOKENS = [1024, 2048]
+TINY_SHAPES = [(64, 64), (64, 16), (64, 224), (224, 64), (64, 2004)]
+TINY_TOKENS = [256]
+SHORT_REPS, SHORT_BUDGET_S, SHORT_SWEEP_CONFIGS = 3, 0.5, 3  # --short-sweep
 ERR_TOKENS = 2048  # accuracy is checked on the segments inside the first ~ERR_TOKENS tokens
 MEAN_SEGMENT = 512  # tokens per pair, roughly a prompt plus two responses
 
@@ -179,11 +189,11 @@ def _inputs(
     return a, d, g, off
 
 
-def _cuda_row(dtype: torch.dtype, d_in: int, d_out: int, n_tok: int, reps: int) -> str:
+def _cuda_row(dtype: torch.dtype, d_in: int, d_out: int, n_tok: int, reps: int, budget_s: float = 2.0) -> str:
     a, d, g, off = _inputs(n_tok, d_in, d_out, dtype, torch.device("cuda"))
-    t_tri = _time_cuda(partial(ghost_dot_triton, a, d, g, off, check_offsets=False), reps, 2.0)
-    t_mm = _time_cuda(partial(torch.matmul, a, g.T), reps, 2.0)
-    t_ref = _time_cuda(partial(ghost_dot_torch, a, d, g, off, check_offsets=False), reps, 2.0)
+    t_tri = _time_cuda(partial(ghost_dot_triton, a, d, g, off, check_offsets=False), reps, budget_s)
+    t_mm = _time_cuda(partial(torch.matmul, a, g.T), reps, budget_s)
+    t_ref = _time_cuda(partial(ghost_dot_torch, a, d, g, off, check_offsets=False), reps, budget_s)
     sa, sd, soff = _subset(a, d, off)
     ref = _fp64_reference(sa, sd, g, soff)
     err_tri = _rel_err(ghost_dot_triton(sa, sd, g, soff), ref)
@@ -195,9 +205,17 @@ def _cuda_row(dtype: torch.dtype, d_in: int, d_out: int, n_tok: int, reps: int) 
     )
 
 
+def _shapes_tokens(args: argparse.Namespace, on_cuda: bool) -> tuple[list[tuple[int, int]], list[int]]:
+    if args.tiny:
+        return TINY_SHAPES, TINY_TOKENS
+    shapes, tokens = (LLAMA8B_SHAPES, GPU_TOKENS) if on_cuda else (CPU_SHAPES, CPU_TOKENS)
+    return shapes, tokens[:1] if args.quick else tokens
+
+
 def _bench_cuda(args: argparse.Namespace, lines: list[str]) -> None:
-    tokens = GPU_TOKENS[:1] if args.quick else GPU_TOKENS
-    reps = 5 if args.quick else args.reps
+    shapes, tokens = _shapes_tokens(args, on_cuda=True)
+    reps = SHORT_REPS if args.short_sweep else 5 if args.quick else args.reps
+    budget_s = SHORT_BUDGET_S if args.short_sweep else 2.0
     _emit(
         lines,
         "| dtype | d_in | d_out | tokens | triton ms | triton TFLOP/s | cuBLAS a@g.T ms | cuBLAS TFLOP/s "
@@ -205,30 +223,36 @@ def _bench_cuda(args: argparse.Namespace, lines: list[str]) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     )
     for dtype in (torch.bfloat16, torch.float32):
-        for d_in, d_out in LLAMA8B_SHAPES:
+        for d_in, d_out in shapes:
             for n_tok in tokens:
-                _emit(lines, _cuda_row(dtype, d_in, d_out, n_tok, reps))
+                _emit(lines, _cuda_row(dtype, d_in, d_out, n_tok, reps, budget_s))
                 torch.cuda.empty_cache()
 
 
 def _sweep_row(
-    dtype: torch.dtype, cfg: tuple[int, int, int, int, int], inputs: tuple[torch.Tensor, ...]
+    dtype: torch.dtype,
+    cfg: tuple[int, int, int, int, int],
+    inputs: tuple[torch.Tensor, ...],
+    reps: int = 5,
+    budget_s: float = 1.0,
 ) -> str:
     n_tok, d_in = inputs[0].shape
     d_out = inputs[1].shape[1]
     bt, bo, bk, warps, stages = cfg
     kw = {"block_t": bt, "block_o": bo, "block_k": bk, "num_warps": warps, "num_stages": stages}
     try:
-        ms = _time_cuda(partial(ghost_dot_triton, *inputs, check_offsets=False, **kw), 5, 1.0)
+        ms = _time_cuda(partial(ghost_dot_triton, *inputs, check_offsets=False, **kw), reps, budget_s)
         result = f"{ms:.3f} | {_tflops(n_tok, d_in, d_out, ms):.1f}"
     except Exception as exc:  # e.g. triton OutOfResources (shared memory): report it and go on
         result = f"failed: {type(exc).__name__} | -"
     return f"| {_dtype_name(dtype)} | {bt} | {bo} | {bk} | {warps} | {stages} | {result} |"
 
 
-def _bench_sweep(lines: list[str]) -> None:
-    """Time a few launch configs on the up-projection shape (the largest) to tune the defaults."""
-    n_tok, d_in, d_out = 8192, 4096, 14336
+def _bench_sweep(lines: list[str], short: bool = False, tiny: bool = False) -> None:
+    """Time a few launch configs on the up-projection shape (the largest) to tune the defaults; ``short``: the
+    first SHORT_SWEEP_CONFIGS of each dtype, briefly; ``tiny``: at the --tiny up-projection shape."""
+    n_tok, d_in, d_out = (TINY_TOKENS[0], *TINY_SHAPES[2]) if tiny else (8192, 4096, 14336)
+    reps, budget_s = (SHORT_REPS, SHORT_BUDGET_S) if short else (5, 1.0)
     _emit(
         lines,
         "",
@@ -239,8 +263,8 @@ def _bench_sweep(lines: list[str]) -> None:
     )
     for dtype, configs in SWEEP_CONFIGS.items():
         inputs = _inputs(n_tok, d_in, d_out, dtype, torch.device("cuda"))
-        for cfg in configs:
-            _emit(lines, _sweep_row(dtype, cfg, inputs))
+        for cfg in configs[:SHORT_SWEEP_CONFIGS] if short else configs:
+            _emit(lines, _sweep_row(dtype, cfg, inputs, reps, budget_s))
         del inputs
         torch.cuda.empty_cache()
 
@@ -259,20 +283,20 @@ def _cpu_row(dtype: torch.dtype, d_in: int, d_out: int, n_tok: int, reps: int) -
 
 
 def _bench_cpu(args: argparse.Namespace, lines: list[str]) -> None:
-    tokens = CPU_TOKENS[:1] if args.quick else CPU_TOKENS
-    reps = 3 if args.quick else 5
+    shapes, tokens = _shapes_tokens(args, on_cuda=False)
+    reps = 3 if args.quick or args.short_sweep else 5
     _emit(
         lines,
         "**Triton kernel NOT timed: no CUDA device.** The Triton interpreter (TRITON_INTERPRET=1) is a correctness "
         "tool, not a performance measure. This table times the plain-torch reference against a plain matmul "
-        "at reduced shapes (Llama-8B aspect ratios, 1/8 the width).",
+        f"at reduced shapes (Llama-8B aspect ratios, 1/{64 if args.tiny else 8} the width).",
         "",
         "| dtype | d_in | d_out | tokens | torch-ref ms | matmul a@g.T ms | matmul GFLOP/s | torch-ref / matmul "
         "| rel err torch-ref |",
         "|---|---|---|---|---|---|---|---|---|",
     )
     for dtype in (torch.bfloat16, torch.float32):
-        for d_in, d_out in CPU_SHAPES:
+        for d_in, d_out in shapes:
             for n_tok in tokens:
                 _emit(lines, _cpu_row(dtype, d_in, d_out, n_tok, reps))
 
@@ -283,6 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="one token count and fewer repetitions")
     parser.add_argument("--sweep", action="store_true", help="CUDA only: also time a few block-size configs")
+    parser.add_argument(
+        "--short-sweep",
+        action="store_true",
+        help="every shape and token count with at most 3 reps and 0.5 s per measurement, then (CUDA) the "
+        "block-size sweep with 3 configs per dtype: a full pass sized for a short GPU session",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny shapes (1/64 the width, 256 tokens): a smoke run"
+    )
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (median)")
     parser.add_argument("--out", type=Path, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
@@ -318,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             "skip the offsets check (check_offsets=False, no host sync).",
         ]
     _emit(lines, *notes)
-    if on_cuda and args.sweep:
-        _bench_sweep(lines)
+    if on_cuda and (args.sweep or args.short_sweep):
+        _bench_sweep(lines, short=args.short_sweep, tiny=args.tiny)
     _emit(lines, "", f"Wall time: {time.perf_counter() - t_start:.1f} s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
