@@ -55,7 +55,7 @@
 #                        $GPU_CHECK_SECTION_TIMEOUT); still capped by --budget
 #   --only LIST          run only these sections, by letter or name (e.g. --only a,b or --only kernel)
 #   --keep-work          keep the scratch folder (models, logs, JSON reports) and print where it is
-# Environment overrides for the CPU-only benchmarks (sections c and d), e.g. once they run on CUDA:
+# Environment overrides for the benchmark sizes of sections c (on the GPU) and d (CPU-only for now):
 #   GPU_CHECK_SCORING_ARGS="--layers 8 --hidden 2048 --vocab 32000 --tokens 512 ..."  (trace-ds bench scoring)
 #   GPU_CHECK_TRAIN_ARGS="..."                                                          (trace-ds bench train)
 set -euo pipefail
@@ -64,7 +64,7 @@ SCRIPT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[
 ROOT="$(cd "$(dirname "$SCRIPT")/.." && pwd)"
 cd "$ROOT"
 
-# Run order: the sections that measure the GPU first (a, b, e), then the CPU-only benchmarks (c, d), so that a
+# Run order: the sections that measure the GPU first (a, b, e), then the benchmarks (c on the GPU, d on the CPU until bench train runs on CUDA), so that a
 # run cut short loses the least. The file lists them a to e whatever the order.
 SECTIONS=(kernel exactness memory scoring train)
 declare -A LETTER=([kernel]=a [exactness]=b [scoring]=c [train]=d [memory]=e)
@@ -274,11 +274,9 @@ section_scoring() {
   if [[ $GPU_CHECK_MODE == smoke ]]; then
     size=(--layers 1 --hidden 64 --vocab 512 --pairs 4 --tokens 32 --batch 2 --probe 2 --threads 2)
   else
-    read -r -a size <<<"${GPU_CHECK_SCORING_ARGS:---layers 4 --hidden 256 --vocab 8192 --pairs 32 --tokens 128 --batch 16 --probe 16 --threads 16}"
+    # on the GPU (trace_ds/bench/scoring.py moves every arm to CUDA, the Triton kernel, CUDA's peak memory)
+    read -r -a size <<<"${GPU_CHECK_SCORING_ARGS:---layers 4 --hidden 1024 --vocab 32000 --pairs 64 --tokens 512 --batch 16 --probe 16 --threads 16}"
   fi
-  cpu_only_note "trace-ds bench scoring" \
-    "trace_ds/bench/scoring.py: _model builds the model on the CPU and nothing moves it; run_arm scores with kernel=\"torch\" and reports peak RSS" \
-    GPU_CHECK_SCORING_ARGS "--layers 8 --hidden 2048 --vocab 32000 --tokens 512"
   local family
   for family in llama mixtral; do
     local work="$WORK/bench_scoring_$family"

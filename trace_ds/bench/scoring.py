@@ -27,6 +27,22 @@ import torch
 
 from trace_ds.memory import lifetime_peak_rss_mib
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # every arm on the GPU when there is one
+
+
+def _peak_mib() -> float:
+    """Peak memory so far: CUDA's allocated bytes on a GPU, the process's resident set on the CPU."""
+    if DEVICE == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return lifetime_peak_rss_mib()
+
+
+def _now() -> float:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 ARMS = ("floor", "ghost", "per-pair", "reference-code")
 
 
@@ -86,14 +102,14 @@ def probe_gradient_file(settings: dict[str, Any]) -> Path:
     from trace_ds.config import ScoreConfig
     from trace_ds.scoring.scorer import GhostScorer
 
-    model = _model(settings)
+    model = _model(settings).to(DEVICE)
     probe = _pairs(settings["probe"], settings["tokens"], settings["vocab"], settings["seed"] + 2, "probe")
     config = ScoreConfig(
-        model="bench", triaged="bench", out="bench", micro_batch=settings["batch"], kernel="torch", beta=0.1
+        model="bench", triaged="bench", out="bench", micro_batch=settings["batch"], kernel="auto", beta=0.1
     )
-    t0 = time.perf_counter()
+    t0 = _now()
     store = GhostScorer(model, 0, config).probe_gradient(probe)
-    seconds = time.perf_counter() - t0
+    seconds = _now() - t0
     path = Path(settings["workdir"]) / "probe_gradient.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({name: store.full(p) for name, p in model.named_parameters()}, path)
@@ -108,16 +124,16 @@ def run_arm(arm: str, settings: dict[str, Any]) -> dict[str, Any]:
     from trace_ds.scoring.scorer import GhostScorer, micro_batches
 
     torch.set_num_threads(settings["threads"])
-    model = _model(settings)
+    model = _model(settings).to(DEVICE)
     pairs = _pairs(settings["pairs"], settings["tokens"], settings["vocab"], settings["seed"] + 1, "p")
     categories = ["inversion" if i % 2 else "suppression" for i in range(len(pairs))]
     config = ScoreConfig(
-        model="bench", triaged="bench", out="bench", micro_batch=settings["batch"], kernel="torch", beta=0.1
+        model="bench", triaged="bench", out="bench", micro_batch=settings["batch"], kernel="auto", beta=0.1
     )
-    rss_model = lifetime_peak_rss_mib()
+    rss_model = _peak_mib()
     store = ProbeGradient()
     if arm != "floor":  # G is part of every scorer's memory; the floor (a training step) does not need it
-        saved = torch.load(Path(settings["workdir"]) / "probe_gradient.pt")
+        saved = torch.load(Path(settings["workdir"]) / "probe_gradient.pt", map_location=DEVICE)
         for name, param in model.named_parameters():
             store.tensors[id(param)] = saved[name]
     scorer = GhostScorer(model, 0, config, store=store)
@@ -149,18 +165,19 @@ def run_arm(arm: str, settings: dict[str, Any]) -> dict[str, Any]:
         reference = copy.deepcopy(model)  # the reference code keeps a full second model as the reference
         flat_g = torch.cat([store.full(p).reshape(-1) for p in params])
     run(chunks[0])  # warm-up
-    t0 = time.perf_counter()
+    t0 = _now()
     scores: list[float] = []
     for chunk in chunks:
         scores += run(chunk)
-    seconds = time.perf_counter() - t0
+    seconds = _now() - t0
     return {
         "arm": arm,
         "seconds": seconds,
         "pairs_per_s": len(pairs) / seconds,
-        "peak_rss_mb": lifetime_peak_rss_mib(),
+        "peak_rss_mb": _peak_mib(),  # on a GPU: CUDA's peak allocated bytes
         "rss_after_model_load_mb": rss_model,
-        "peak_beyond_model_mb": lifetime_peak_rss_mib() - rss_model,
+        "peak_beyond_model_mb": _peak_mib() - rss_model,
+        "device": DEVICE,
         "scores": scores,
     }
 
@@ -169,7 +186,7 @@ def _losses(model: torch.nn.Module, pairs: list[Any], cats: list[str], config: A
     from trace_ds.data.batching import collate_pairs
     from trace_ds.scoring.scorer import batch_logps, pair_losses
 
-    batch = collate_pairs(pairs, 0)
+    batch = collate_pairs(pairs, 0).to(DEVICE)
     chosen, rejected = batch_logps(model, batch, config.vocab_tile)
     return pair_losses(chosen, rejected, cats, config.relational, config.beta)
 
@@ -194,7 +211,7 @@ def _reference_code_score(
     from trace_ds.scoring.scorer import batch_logps
 
     with torch.no_grad():  # four passes whose results are constant at theta_ref (delta = 0)
-        single = collate_pairs([pair], 0)
+        single = collate_pairs([pair], 0).to(DEVICE)
         for net in (model, reference):
             batch_logps(net, single)
             batch_logps(net, single)
