@@ -40,6 +40,12 @@ def _rank(rank: int, world: int, port: int, errors: mp.Queue[str]) -> None:
             # any rows, each rank its own (an embedding's tokens), repeats included
             index = torch.tensor([shape[0] - 1, 0, shape[0] - 1] if rank == 0 else [min(1, shape[0] - 1)])
             assert torch.equal(whole.select_rows(param, index), whole.full(param).index_select(0, index))
+            # the embedding's probe gradient: rows summed over ranks without a dense (V, d) tensor
+            sparse, dense = PartitionedProbeGradient(rank, world), PartitionedProbeGradient(rank, world)
+            rows = grads[rank][index] * 0.5 + 1.0  # any values, one row per id, repeats included
+            dense.add(param, torch.zeros(shape).index_add_(0, index, rows))
+            sparse.index_add(param, index, rows)
+            torch.testing.assert_close(sparse.tensors[id(param)], dense.tensors[id(param)])
             for start in range(shape[0]):  # any row range (vocabulary tiles of lm_head)
                 for stop in range(start + 1, shape[0] + 1):
                     assert torch.equal(whole.rows(param, start, stop), whole.full(param)[start:stop])

@@ -438,8 +438,6 @@ class PartitionedProbeGradient(ProbeGradient):
             dist.all_gather_into_tensor(gathered, mine)
         return gathered[:numel].view(shape)
 
-    index_add = ProbeGradient._dense_index_add
-
     def _spans(self, param: torch.Tensor, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
         """For rows [start, stop) of a parameter (flattened: [lo, hi)): per rank whose shard overlaps them,
         (rank, offset in the rows, offset in that rank's shard, length)."""
@@ -476,28 +474,51 @@ class PartitionedProbeGradient(ProbeGradient):
         import torch.distributed as dist
 
         mine = ProbeGradient.full(self, param)
+        _, shape = _full_numel_shape(param)
+        unique, inverse = torch.unique(index, return_inverse=True)
+        wanted, local, inside = self._row_union(param, unique)
+        rows = torch.zeros(local.shape, dtype=mine.dtype, device=mine.device)
+        rows[inside] = mine[local[inside]]
+        dist.all_reduce(rows)
+        picked = rows.index_select(0, torch.searchsorted(wanted, unique)).index_select(0, inverse)
+        return picked.view(-1, *shape[1:])
+
+    def index_add(self, param: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """G[index[i]] += rows[i] summed over ranks (the embedding's probe gradient): only the union of the
+        ranks' rows is reduced, never a dense (V, d) tensor; each rank keeps what falls in its shard."""
+        import torch.distributed as dist
+
+        self.zeros_for([param])
+        unique, inverse = torch.unique(index, return_inverse=True)
+        wanted, local, inside = self._row_union(param, unique)
+        total = torch.zeros(local.shape, dtype=torch.float32, device=rows.device)
+        position = torch.searchsorted(wanted, unique).index_select(0, inverse)
+        total.index_add_(0, position, rows.reshape(rows.shape[0], -1).float())
+        dist.all_reduce(total)
+        self.tensors[id(param)].index_add_(0, local[inside], total[inside])
+
+    def _row_union(self, param: torch.Tensor, unique: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The sorted union of every rank's row ids (one collective pair, the same on every rank), the flat
+        positions of those rows' entries in this rank's shard, and which of them lie inside it."""
+        import torch.distributed as dist
+
         numel, shape = _full_numel_shape(param)
         width = numel // int(shape[0])
-        unique, inverse = torch.unique(index, return_inverse=True)
-        counts = [torch.zeros(1, dtype=torch.long, device=index.device) for _ in range(self.world_size)]
-        dist.all_gather(counts, torch.tensor([unique.numel()], device=index.device))
-        longest = int(max(c.item() for c in counts))
-        padded = torch.full((longest,), -1, dtype=torch.long, device=index.device)
+        counts = [torch.zeros(1, dtype=torch.long, device=unique.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([unique.numel()], device=unique.device))
+        padded = torch.full((int(max(c.item() for c in counts)),), -1, dtype=torch.long, device=unique.device)
         padded[: unique.numel()] = unique
         everyone = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(everyone, padded)
         wanted = torch.unique(torch.cat(everyone))
         wanted = wanted[wanted >= 0]
-        # flat position of each wanted entry; keep those inside this rank's shard
-        shard = self._shard_size(numel)
-        flat = wanted[:, None] * width + torch.arange(width, device=wanted.device)
-        local = flat - self.rank * shard
-        inside = (local >= 0) & (local < mine.numel())
-        rows = torch.zeros(flat.shape, dtype=mine.dtype, device=mine.device)
-        rows[inside] = mine[local[inside]]
-        dist.all_reduce(rows)
-        picked = rows.index_select(0, torch.searchsorted(wanted, unique)).index_select(0, inverse)
-        return picked.view(-1, *shape[1:])
+        local = (
+            wanted[:, None] * width
+            + torch.arange(width, device=wanted.device)
+            - self.rank * self._shard_size(numel)
+        )
+        inside = (local >= 0) & (local < self._shard_size(numel))
+        return wanted, local, inside
 
     def add_rows(self, param: torch.Tensor, start: int, grad: torch.Tensor) -> None:
         import torch.distributed as dist
