@@ -23,10 +23,11 @@ from trace_ds.config import LoraConfig
 from trace_ds.data.batching import collate_pairs
 from trace_ds.io import TraceError, write_jsonl
 from trace_ds.models import attach_lora, load_causal_lm
-from trace_ds.tiny import FAMILIES, MOE_FAMILIES, PAD_ID, build_tiny_family, default_corpus, train_tokenizer
+from trace_ds.tiny import FAMILIES, MOE_FAMILIES, PAD_ID
 
 from .helpers import cosine_errors, ghost_scores, random_pairs, read_lines, reference_scores, score_config
 from .test_families import categories_for, eager_experts
+from .test_family_training import build_families
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # LoRA targets of the families that lack some of trace-ds's default --lora-targets (LoraConfig.target_modules:
@@ -42,8 +43,6 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
 RANK = 4
 BETA = 0.1
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8  # build_tiny_family's sizes: no batch below is 1, 2, 4 or 8 wide
-# The router's load-balancing loss switched on in the MoE checkpoints' configs, as in test_family_training.py.
-MOE_AUX = {"output_router_logits": True, "router_aux_loss_coef": 0.5}
 
 
 def lora_targets(family: str) -> tuple[str, ...]:
@@ -67,14 +66,7 @@ def adapter_numel(model: nn.Module, targets: tuple[str, ...], r: int) -> int:
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("lora_families")
-    tokenizer = train_tokenizer(default_corpus(), root / "tokenizer", vocab_size=512)
-    out = {}
-    for index, family in enumerate(FAMILIES):
-        overrides = MOE_AUX if family in MOE_FAMILIES else {}
-        build_tiny_family(root / family, family, tokenizer, seed=index, **overrides)
-        out[family] = root / family
-    return out
+    return build_families(tmp_path_factory.mktemp("lora_families"))
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,8 @@ WEIGHTS = {"inversion": (0.5, 1.5), "suppression": (2.0, 0.25)}
 MOE_AUX = {"output_router_logits": True, "router_aux_loss_coef": 0.5}
 
 
-@pytest.fixture(scope="module")
-def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("families")
+def build_families(root: Path) -> dict[str, Path]:
+    """A saved tiny random model of every family of trace_ds.tiny.FAMILIES (MoE ones with MOE_AUX)."""
     tokenizer = train_tokenizer(default_corpus(), root / "tokenizer", vocab_size=512)
     out = {}
     for index, family in enumerate(FAMILIES):
@@ -43,6 +42,11 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         build_tiny_family(root / family, family, tokenizer, seed=index, **overrides)
         out[family] = root / family
     return out
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_families(tmp_path_factory.mktemp("families"))
 
 
 @pytest.fixture(scope="module")

@@ -381,6 +381,17 @@ def vocab_tile_option(func: Any) -> Any:
     )(func)
 
 
+def logp_reduction_option(func: Any) -> Any:
+    return click.option(
+        "--logp-reduction",
+        type=click.Choice(["sum", "mean"]),
+        default="sum",
+        show_default=True,
+        help="Response log-probs summed over tokens (the paper's) or averaged per token (the scale IPO's "
+        "target 1/(2 beta) assumes; TRL's IPO). Score and train with the same one.",
+    )(func)
+
+
 def lora_options(func: Any) -> Any:
     func = click.option(
         "--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", show_default=True
@@ -497,14 +508,7 @@ def _tokenize_config(options: dict[str, Any]) -> Any:
     help="Dtype G is kept and (ZeRO-3) gathered in while scoring: model = the model's bf16/fp16, half the bytes "
     "(error measured in docs/method.md); the Triton kernel uses the model's dtype either way.",
 )
-@click.option(
-    "--logp-reduction",
-    type=click.Choice(["sum", "mean"]),
-    default="sum",
-    show_default=True,
-    help="Response log-probs summed over tokens (the paper's) or averaged per token (the scale IPO's target "
-    "1/(2 beta) assumes; TRL's IPO). Score and train with the same one.",
-)
+@logp_reduction_option
 @vocab_tile_option
 @tokenize_options
 @lora_options
@@ -604,14 +608,7 @@ def score_command(deepspeed_config: str | None, **options: Any) -> None:
     is_flag=True,
     help="ZeRO-3: keep the reference engine's partitions in host memory (frees its device memory).",
 )
-@click.option(
-    "--logp-reduction",
-    type=click.Choice(["sum", "mean"]),
-    default="sum",
-    show_default=True,
-    help="Response log-probs summed over tokens (the paper's) or averaged per token (the scale IPO's target "
-    "1/(2 beta) assumes; TRL's IPO). Score and train with the same one.",
-)
+@logp_reduction_option
 @vocab_tile_option
 @tokenize_options
 def train_command(
@@ -694,14 +691,7 @@ def sft_command(pairs_source: str, **options: Any) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="DeepSpeed config: shard the evaluation over the launched ranks (ZeRO-3 partitioned models).",
 )
-@click.option(
-    "--logp-reduction",
-    type=click.Choice(["sum", "mean"]),
-    default="sum",
-    show_default=True,
-    help="Response log-probs summed over tokens (the paper's) or averaged per token (the scale IPO's target "
-    "1/(2 beta) assumes; TRL's IPO). Score and train with the same one.",
-)
+@logp_reduction_option
 @vocab_tile_option
 @tokenize_options
 def eval_command(exclude: tuple[str, ...], deepspeed_config: str | None, **options: Any) -> None:
