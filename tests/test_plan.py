@@ -27,6 +27,8 @@ def test_counts_equal_the_built_model_and_peft(tmp_path: Path, tied: bool) -> No
     shape = model_shape(str(tmp_path / "config.json"))  # a config file alone is enough
     assert shape.params == sum(p.numel() for p in model.parameters())
     assert shape.largest_param == 300 * 64 and shape.layers == 3 and shape.vocab == 300
+    # the largest tensor whose G ZeRO-3 reads whole: not the embedding or the head (read by rows)
+    assert shape.largest_piece == max(p.numel() for p in model.parameters() if p.shape[0] != 300)
     lora = LoraConfig(r=4, target_modules=LORA_TARGETS)
     peft_model = get_peft_model(model, PeftLoraConfig(r=4, target_modules=list(LORA_TARGETS)))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -52,6 +54,19 @@ def test_zero_arithmetic(tmp_path: Path) -> None:
     full = plan(shape, PlanSettings(micro_batch=2, seq_len=64))
     assert (
         full["checkpointing"]["training"]["activations"] < full["no_checkpointing"]["training"]["activations"]
+    )
+
+    # the G read whole at once while scoring: under ZeRO-3 with the chunked head a tile or a layer's matrix,
+    # not the (V, d) embedding; with full logits, or replicated G (ZeRO-2), the whole embedding
+    def transient(**kwargs: object) -> int:
+        settings = PlanSettings(**{"micro_batch": 2, "seq_len": 64, "dtype": "bfloat16", **kwargs})  # type: ignore[arg-type]
+        return plan(shape, settings)["checkpointing"]["scoring"]["probe_transient"]
+
+    assert transient(vocab_tile=0) == transient(zero=2) == shape.largest_param * 8
+    assert (
+        transient(vocab_tile=256)
+        == max(shape.largest_piece, 256 * shape.hidden) * 8
+        < shape.largest_param * 8
     )
     lora = model_shape(str(tmp_path), LoraConfig(r=8))
     with_lora = plan(lora, PlanSettings(micro_batch=2, seq_len=64))["checkpointing"]["training"]

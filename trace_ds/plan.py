@@ -42,6 +42,7 @@ class ModelShape:
     head_dim: int
     vocab: int
     largest_param: int  # elements of the biggest single tensor (embedding or LM head, usually)
+    largest_piece: int  # ... of the biggest G read whole under ZeRO-3: not a vocabulary tensor; one expert
     layer_params: int  # elements of one decoder layer
     lora_params: int = 0  # trainable elements with LoRA adapters (0: full fine-tuning)
 
@@ -100,6 +101,11 @@ def model_shape(model: str, lora: LoraConfig | None = None) -> ModelShape:
         head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
         vocab=int(config.vocab_size),
         largest_param=max(p.numel() for _, p in params),
+        largest_piece=max(
+            (p.numel() // p.shape[0] if p.dim() == 3 else p.numel())
+            for _, p in params
+            if p.shape[0] != int(config.vocab_size)
+        ),
         layer_params=layer_params,
         lora_params=lora_params,
     )
@@ -210,6 +216,12 @@ def plan(shape: ModelShape, settings: PlanSettings) -> dict[str, Any]:
     # one tensor's G gathered (or reduced) at a time: the embedding's whole (lm_head's goes one vocabulary
     # tile at a time with the chunked head, but the embedding path still reads all of its G)
     probe_transient = shape.largest_param * 4 * 2
+    if zero3 and settings.vocab_tile > 0:
+        # ZeRO-3 reads lm_head's G one vocabulary tile at a time, the embedding's only for the rows of the
+        # batch's tokens, a fused MoE tensor's one expert at a time: the largest whole piece is then a layer's
+        tokens = 2 * settings.micro_batch * settings.seq_len
+        vocab_rows = max(min(settings.vocab_tile, shape.vocab), min(tokens, shape.vocab)) * shape.hidden
+        probe_transient = max(shape.largest_piece, vocab_rows) * 4 * 2
     # LoRA: the base model with adapters off is the reference, no copy. Under ZeRO-3 the reference engine
     # has its own parameter coordinator, so it also keeps a working set of gathered parameters.
     has_reference = not shape.lora_params
