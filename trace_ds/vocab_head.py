@@ -134,7 +134,6 @@ class _Ghost:
 
 
 def _weight_backward(
-    ctx: Any,
     ghost: _Ghost | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -236,7 +235,7 @@ class _ChunkedLogp(torch.autograd.Function):
             return _pre_transform_grad(z, transform, grad_y)
 
         grad_h, grad_w, grad_b = _weight_backward(
-            ctx, ctx.ghost, weight, bias, hidden, tile_grad, weight.shape[0], ctx.tile
+            ctx.ghost, weight, bias, hidden, tile_grad, weight.shape[0], ctx.tile
         )
         return grad_h.to(hidden.dtype), grad_w, grad_b, None, None, None, None
 
@@ -312,7 +311,7 @@ class _ChunkedKL(torch.autograd.Function):
 
         with _gathered(_foreign(ref_weight, ref_bias, weight, bias)):
             grad_h, grad_w, grad_b = _weight_backward(
-                ctx, ctx.ghost, weight, bias, hidden, tile_grad, weight.shape[0], ctx.tile
+                ctx.ghost, weight, bias, hidden, tile_grad, weight.shape[0], ctx.tile
             )
         return grad_h.to(hidden.dtype), grad_w, grad_b, None, None, None, None, None, None
 
@@ -355,7 +354,7 @@ def run_head(
     ``keep_reference`` (a reference model's pass, under no_grad) the hidden states at ``kl_rows``' positions
     and the head are returned, to serve as the ``reference`` of the policy's pass."""
     from trace_ds.models import forward_settings
-    from trace_ds.scoring.ghost import active_state
+    from trace_ds.scoring.ghost import active_state, row_offsets
 
     lm = causal_lm(model)
     head = head_module(model)
@@ -391,15 +390,13 @@ def run_head(
         state = active_state(head)
         ghost = None
         if state is not None:
-            counts = torch.bincount(row_of, minlength=n)
-            ghost = _Ghost(state, torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+            ghost = _Ghost(state, row_offsets(row_of, n))
         out["logp"] = _ChunkedLogp.apply(selected, head.weight, head.bias, targets, transform, tile, ghost)
         if reference is not None and kl_positions is not None:
             kl_hidden = flat.index_select(0, kl_positions)
             kl_ghost = None
             if state is not None:
-                counts = torch.bincount(kl_positions // length, minlength=n)
-                kl_ghost = _Ghost(state, torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+                kl_ghost = _Ghost(state, row_offsets(kl_positions // length, n))
             out["kl"] = _ChunkedKL.apply(
                 kl_hidden, head.weight, head.bias, reference.hidden, reference.weight, reference.bias,
                 transform, tile, kl_ghost,

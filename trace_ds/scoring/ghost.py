@@ -255,6 +255,13 @@ class GhostState:
         self.scores += torch.segment_reduce(per_token.float(), "sum", lengths=self.lengths)
 
 
+def row_offsets(row_of: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows + 1,) cumulated counts of entries per row, for entries sorted by row (``row_of``: each entry's
+    row): the segment offsets the fused kernel takes."""
+    counts = torch.bincount(row_of, minlength=rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
 def _token_dim_of_view(tensor: torch.Tensor, rows: int, length: int) -> int | None:
     """For ``tensor`` a view of a contiguous (rows, length, F) tensor (a q/k projection reshaped per head,
     transposed or not): the one leading dimension that steps over whole tokens of it, provided the batch

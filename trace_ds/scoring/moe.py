@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trace_ds.scoring.ghost import GhostState, _class_matches, _GhostLinear, _param_needs
+from trace_ds.scoring.ghost import GhostState, _class_matches, _GhostLinear, _param_needs, row_offsets
 
 _EXPERTS_SOURCE = """
 def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -222,8 +222,7 @@ class _GhostExperts(torch.autograd.Function):
                 for param, a, d in terms:
                     state.store.add_piece(param, expert, d.float().t().matmul(a.float()))
             else:
-                counts = torch.bincount(token[keep] // length, minlength=rows)
-                offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+                offsets = row_offsets(token[keep] // length, rows)
                 for (_, a, d), g_expert in zip(terms, g, strict=True):
                     state.add_linear_scores(a, d, g_expert, offsets)
         state.touched.update(id(p) for p in scored)
