@@ -608,6 +608,13 @@ def score_command(deepspeed_config: str | None, **options: Any) -> None:
     is_flag=True,
     help="ZeRO-3: keep the reference engine's partitions in host memory (frees its device memory).",
 )
+@click.option(
+    "--rescore-every",
+    type=int,
+    default=None,
+    help="Every K steps, re-score every conflict pair at the current weights (probe pass included) and "
+    "train on with the new weights; weight-0 pairs stay in the data (docs/method.md, 'In-run re-scoring').",
+)
 @logp_reduction_option
 @vocab_tile_option
 @tokenize_options

@@ -174,10 +174,15 @@ class TrainConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     vocab_tile: int = DEFAULT_VOCAB_TILE
     logp_reduction: Literal["sum", "mean"] = "sum"
+    rescore_every: int | None = None  # re-score every conflict pair every K steps (trace_ds/rescore.py)
 
     def __post_init__(self) -> None:
         check_vocab_tile(self.vocab_tile)
         check_logp_reduction(self.logp_reduction)
+        if self.rescore_every is not None and self.rescore_every < 1:
+            raise TraceError(
+                f"--rescore-every {self.rescore_every}: must be at least 1 (steps between re-scorings)"
+            )
         if self.epochs is not None and self.max_steps is not None:
             raise TraceError("give --epochs or --max-steps, not both (--max-steps cycles epochs as needed)")
         if (self.epochs is not None and self.epochs < 1) or (

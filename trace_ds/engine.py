@@ -268,6 +268,37 @@ class Strategy:
         ]
         return float(torch.stack(squares).sum().sqrt()) if squares else None
 
+    @contextlib.contextmanager
+    def gradient_hooks_paused(self, engine: Any) -> Iterator[None]:
+        """For a backward that is not a training step (in-run re-scoring's ghost passes, which leave no parameter
+        gradient): DeepSpeed's ZeRO optimizers call a post-accumulate hook on every parameter the backward
+        reaches, and those hooks expect a gradient to reduce (ZeRO-3 fails on ``param.grad`` None). Inside,
+        their steps are no-ops; afterwards the optimizer's own methods are back, its hook counts untouched."""
+        optimizer = getattr(engine, "optimizer", None)
+
+        def nothing(*_: Any) -> None:
+            return None
+
+        stand_ins: dict[str, Any] = {
+            "should_refresh_expected_hook_count": lambda *_: False,
+            "reenter_backward_if_needed": nothing,
+            "reduce_ready_partitions_and_remove_grads": nothing,  # ZeRO-3
+            "process_gradients": nothing,  # ZeRO-1/2
+            "update_hook_state_and_maybe_run_epilogue": nothing,
+        }
+        patched = [name for name in stand_ins if optimizer is not None and hasattr(optimizer, name)]
+        saved = {name: optimizer.__dict__[name] for name in patched if name in optimizer.__dict__}
+        for name in patched:
+            setattr(optimizer, name, stand_ins[name])
+        try:
+            yield
+        finally:
+            for name in patched:
+                if name in saved:
+                    setattr(optimizer, name, saved[name])
+                else:
+                    delattr(optimizer, name)
+
     def probe_store(self) -> ProbeGradient:
         """Where G lives: whole tensors in one process, this rank's shard of each parameter under ZeRO-3."""
         if self.zero_stage == 3 and self.world_size > 1:

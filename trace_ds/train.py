@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,11 +26,14 @@ from trace_ds.config import BEST_METRICS, TrainConfig
 from trace_ds.console import console, progress
 from trace_ds.data.batching import PairBatch, collate_pairs
 from trace_ds.data.pairs import iter_pairs, read_pairs
-from trace_ds.data.stream import PairStream, TrainRecord, load_weights
+from trace_ds.data.stream import TRAINED_CONFLICT, PairStream, TrainRecord, load_weights
 from trace_ds.data.tokenize import tokenize_pair
 from trace_ds.io import TraceError, dumps, read_json, write_json, write_text
 from trace_ds.losses import conflict_losses, reduce_logps, reduce_step_loss, sequence_logps, token_kl
 from trace_ds.vocab_head import check_head
+
+if TYPE_CHECKING:
+    from trace_ds.rescore import Rescorer
 
 # Sums reduced across ranks for logging (one tensor, one all-reduce per step).
 STAT_KEYS = (
@@ -40,6 +43,7 @@ STAT_KEYS = (
 )  # fmt: skip
 
 
+RESCORED_WEIGHTS = "rescored_weights.json"  # in a checkpoint: the weights of the latest in-run re-scoring
 _FAULT_NAN_STEP = int(os.environ.get("TRACE_DS_FAULT_NAN_AT_STEP", "0"))
 
 
@@ -304,12 +308,23 @@ class Trainer:
             enable_gradient_checkpointing(model)
         model.train()
         self.pad_id = pad_token_id(self.tokenizer, model)
+        self.rescorer: Rescorer | None = None
+        self.rescored_at: int | None = None
+        self._rescore_line: dict[str, Any] = {}
+        self.stream_weights = self.weights
+        if cfg.rescore_every:
+            from trace_ds.rescore import Rescorer
+
+            self.rescorer = Rescorer(self, meta)
+            # every conflict pair stays in the stream (its weight may become non-zero at a re-scoring); the
+            # weight a step uses is looked up in self.weights when the batch is built
+            self.stream_weights = dict.fromkeys(self.weights, 1.0)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         names = [name for name, _ in cfg.category_proportions] if cfg.category_proportions else ["all"]
         streams = {
             name: PairStream(
-                cfg.triaged, self.weights, rank=strategy.rank, world_size=strategy.world_size,
+                cfg.triaged, self.stream_weights, rank=strategy.rank, world_size=strategy.world_size,
                 buffer_size=cfg.buffer_size, seed=cfg.seed, only_category=None if name == "all" else name,
             )
             for name in names
@@ -377,7 +392,7 @@ class Trainer:
                 return {r["id"]: (r["chosen"], r["rejected"]) for r in lines[1:]}
         stream = PairStream(
             cfg.triaged,
-            self.weights,
+            self.stream_weights,
             rank=strategy.rank,
             world_size=strategy.world_size,
             buffer_size=1,
@@ -427,11 +442,27 @@ class Trainer:
                 return fn(self.engine.module)
         return fn(self.reference)
 
+    def _weight(self, record: TrainRecord) -> float:
+        """The weight a step uses: the record's, or with re-scoring the latest scores' (a dummy stays 0)."""
+        if self.rescorer is None or record.weight == 0.0 or record.category not in TRAINED_CONFLICT:
+            return record.weight
+        return self.weights[record.pair.id]
+
     def _batch(self, records: list[TrainRecord]) -> tuple[PairBatch, list[str], torch.Tensor]:
         tokens = [tokenize_pair(r.pair, self.tokenizer, self.config.tokenize) for r in records]
         batch = collate_pairs(tokens, self.pad_id).to(self.strategy.device)
-        weights = torch.tensor([r.weight for r in records], dtype=torch.float32)
+        weights = torch.tensor([self._weight(r) for r in records], dtype=torch.float32)
         return batch, [r.category for r in records], weights
+
+    def rescore(self) -> None:
+        """New impact weights at the current weights (trace_ds/rescore.py); logged with the next step."""
+        assert self.rescorer is not None
+        result = self.rescorer.rescore(self.step)
+        self.weights = result.weights()
+        self.rescored_at = self.step
+        self._rescore_line = result.summary()
+        if self.strategy.is_main:
+            console.print(f"re-scored every conflict pair at step {self.step} in {result.seconds:.1f} s")
 
     # ---- the loop ----
     def run(self) -> dict[str, Any]:
@@ -454,6 +485,9 @@ class Trainer:
                 open(metrics_path, "a", encoding="utf-8") as metrics_file,
             ):
                 while self.step < self.total_steps:
+                    every = cfg.rescore_every
+                    if every and self.step and self.step % every == 0 and self.rescored_at != self.step:
+                        self.rescore()
                     started = time.perf_counter()
                     records = self.data.take(per_step)
                     if records and dummy is None:
@@ -476,7 +510,9 @@ class Trainer:
                         "step": self.step,
                         "epoch": self.data.epoch(),
                         **self._step_metrics(stats, elapsed),
+                        **self._rescore_line,
                     }
+                    self._rescore_line = {}
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         line.update(self.evaluate())
                     if strategy.is_main:
@@ -633,6 +669,10 @@ class Trainer:
             "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         _atomic_torch_save(rank_state, self.ckpt_dir / tag / f"trace_state_rank{strategy.rank}.pt")
+        if strategy.is_main and self.rescored_at is not None:  # floats as JSON: restored exactly
+            write_json(
+                self.ckpt_dir / tag / RESCORED_WEIGHTS, {"step": self.rescored_at, "weights": self.weights}
+            )
         strategy.barrier()
         if strategy.is_main:
             write_text(self.ckpt_dir / "latest", tag)
@@ -668,6 +708,11 @@ class Trainer:
         torch.set_rng_state(state["torch_cpu"])
         if state["torch_cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["torch_cuda"])
+        rescored = self.ckpt_dir / str(tag) / RESCORED_WEIGHTS
+        if self.rescorer is not None and rescored.exists():
+            saved = read_json(rescored)
+            self.weights = {str(k): float(v) for k, v in saved["weights"].items()}
+            self.rescored_at = int(saved["step"])
         if self.strategy.is_main:
             console.print(f"resumed from {self.ckpt_dir / str(tag)} at step {self.step}")
 

@@ -68,14 +68,21 @@ def batch_logps(
 
 def pair_losses(
     logp_chosen: torch.Tensor,
-    logp_chosen_rejected: torch.Tensor,
+    logp_rejected: torch.Tensor,
     categories: Sequence[str],
     relational: str,
     beta: float,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-pair loss at theta_ref (r = logp - logp.detach(): 0 in value, the right gradient)."""
-    reward_chosen = logp_chosen - logp_chosen.detach()
-    reward_rejected = logp_chosen_rejected - logp_chosen_rejected.detach()
+    """Per-pair loss. At theta_ref (``reference`` None) r = logp - logp.detach(): 0 in value, the right
+    gradient. Away from it (in-run re-scoring) r = logp - the reference's log-probs ``reference`` (2B,)."""
+    if reference is None:
+        ref_chosen, ref_rejected = logp_chosen.detach(), logp_rejected.detach()
+    else:
+        n = logp_chosen.shape[0]
+        ref_chosen, ref_rejected = reference[:n].to(logp_chosen), reference[n:].to(logp_rejected)
+    reward_chosen = logp_chosen - ref_chosen
+    reward_rejected = logp_rejected - ref_rejected
     return conflict_losses(reward_chosen, reward_rejected, list(categories), beta, relational)  # type: ignore[arg-type]
 
 
@@ -97,8 +104,24 @@ class GhostScorer:
         self.state = GhostState("probe", store or ProbeGradient(), self.kernel)
         self.device = next(model.parameters()).device
 
-    def _run(self, pairs: Sequence[TokenizedPair], categories: Sequence[str], weight: float) -> torch.Tensor:
+    def _run(
+        self,
+        pairs: Sequence[TokenizedPair],
+        categories: Sequence[str],
+        weight: float,
+        reference: Any = None,
+    ) -> torch.Tensor:
+        """One ghost forward + backward. ``reference``: None at theta_ref, else ``fn(model)`` running on the
+        frozen reference (the trainer's ``with_reference``), whose log-probs the losses are relative to."""
         batch = collate_pairs(pairs, self.pad_id).to(self.device)
+        ref_logps = None
+        if reference is not None:  # before ghost mode: the reference's calls are no part of the ghost pass
+            with torch.no_grad():
+                ref_logps = reference(
+                    lambda m: batch.logps(
+                        m, tile=self.config.vocab_tile, reduction=self.config.logp_reduction
+                    )
+                )
         self.state.set_batch(batch.attention_mask)
         for param in self.model.parameters():  # a .grad after the backward: a use outside ghost paths
             if param.requires_grad:
@@ -108,7 +131,9 @@ class GhostScorer:
             chosen, rejected = batch_logps(
                 self.model, batch, self.config.vocab_tile, self.config.logp_reduction
             )
-            losses = pair_losses(chosen, rejected, categories, self.config.relational, self.config.beta)
+            losses = pair_losses(
+                chosen, rejected, categories, self.config.relational, self.config.beta, ref_logps
+            )
             (losses.sum() * weight).backward()
         check_coverage(self.model, self.state)
         assert self.state.scores is not None
@@ -118,10 +143,11 @@ class GhostScorer:
     def covered_numel(self) -> int:
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.covered)
 
-    def probe_step(self, pairs: Sequence[TokenizedPair], weight: float) -> None:
+    def probe_step(self, pairs: Sequence[TokenizedPair], weight: float, reference: Any = None) -> None:
         """Add ``weight`` * grad of the summed relational losses of ``pairs`` to G (weight 0: a dummy step)."""
         self.state.mode = "probe"
-        self._run(pairs, ["inversion"] * len(pairs), weight)  # J is the relational loss on every probe pair
+        # J is the relational loss on every probe pair
+        self._run(pairs, ["inversion"] * len(pairs), weight, reference)
 
     def probe_gradient(self, probe: Sequence[TokenizedPair], total: int | None = None) -> ProbeGradient:
         """G = grad of J = (sum of relational losses over the probe) / B, at the loaded weights."""
@@ -152,10 +178,12 @@ class GhostScorer:
         wanted = self.kernel == "triton" or self.config.g_dtype == "model"
         return model_dtype if wanted and model_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
-    def score(self, pairs: Sequence[TokenizedPair], categories: Sequence[str]) -> list[float]:
+    def score(
+        self, pairs: Sequence[TokenizedPair], categories: Sequence[str], reference: Any = None
+    ) -> list[float]:
         """Raw scores of one micro-batch of conflict pairs: row scores of chosen + rejected."""
         self.state.mode = "score"
-        rows = self._run(pairs, categories, 1.0)
+        rows = self._run(pairs, categories, 1.0, reference)
         n = len(pairs)
         return (rows[:n].double() + rows[n:].double()).tolist()
 
