@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from trace_ds.config import TrainConfig
 from trace_ds.data.tokenize import TokenizeConfig
@@ -17,7 +18,7 @@ from trace_ds.train import Trainer
 
 def main() -> None:
     path = next(arg for arg in sys.argv[1:] if not arg.startswith("--local_rank"))
-    fields = json.loads(open(path, encoding="utf-8").read())
+    fields = json.loads(Path(path).read_text(encoding="utf-8"))
     fields["tokenize"] = TokenizeConfig(**fields["tokenize"])
     trainer = Trainer(TrainConfig(**fields))
     trainer.setup()

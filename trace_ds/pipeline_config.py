@@ -22,11 +22,15 @@ METHODS = {
     "no_impact": "TRACE w/o impact weighting (all conflict weights 1)",
     "no_kl": "TRACE w/o KL (alpha_kl = 0)",
     "no_triage": "w/o triage (NPO on every pair's old chosen response, impact-weighted, no KL)",
+    "trace_rescore": "TRACE with in-run re-scoring every train.rescore_every steps (default 50)",
 }
+DEFAULT_RESCORE_EVERY = 50
 DEFAULTS: dict[str, Any] = {
     "workdir": "runs/pipeline",
     "seed": 0,
     "tokenize": {"max_length": 1024, "max_prompt_length": 512},
+    # noise: the share of judged pairs given another category (a label-noise study; seeded by the top seed)
+    "triage": {"noise": 0.0, "min_confidence": 0.0},
     "score": {"probe_size": 64, "beta": 0.1, "micro_batch": 8},
     "train": {"epochs": 1, "micro_batch": 8, "lr": 1e-6, "beta": 0.1, "alpha_kl": 1.0},
     "eval": {"max_new_tokens": 48, "batch_size": 16},
@@ -64,11 +68,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise TraceError(f"{path}: {err}") from err
     if not isinstance(raw, dict):
         raise TraceError(f"{path}: expected a mapping of sections (workdir, data, model, ...), got {raw!r}")
-    for section in ("tokenize", "score", "train", "eval", "launch", "data", "model"):
+    for section in ("tokenize", "triage", "score", "train", "eval", "launch", "data", "model"):
         if raw.get(section) is not None and not isinstance(raw[section], dict):
             raise TraceError(f"{path}: {section} must be a mapping, got {raw[section]!r}")
     config = {**DEFAULTS, **raw}
-    for section in ("tokenize", "score", "train", "eval", "launch"):
+    for section in ("tokenize", "triage", "score", "train", "eval", "launch"):
         config[section] = {**DEFAULTS[section], **(raw.get(section) or {})}
     if "max_steps" in (raw.get("train") or {}) and "epochs" not in raw["train"]:
         config["train"].pop("epochs")  # the default epoch count gives way to an explicit step count
@@ -152,6 +156,10 @@ def _check_sections(config: dict[str, Any], where: str) -> None:
     from trace_ds.evaluate.run import EvalConfig
 
     _known(config["tokenize"], _field_names(TokenizeConfig), "tokenize", where)
+    _known(config["triage"], DEFAULTS["triage"].keys(), "triage", where)
+    for key, value in config["triage"].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise TraceError(f"{where}: triage.{key} {value!r}: a fraction in [0, 1]")
     for section, cls in (("score", ScoreConfig), ("train", TrainConfig), ("eval", EvalConfig)):
         given = config[section]
         set_here = sorted(PIPELINE_SET & given.keys())

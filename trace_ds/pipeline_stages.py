@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_ds.io import read_json, write_json, write_jsonl
-from trace_ds.pipeline_config import SFT_DEFAULTS, SYNTH_PARAMETERS, USER_DATA
+from trace_ds.pipeline_config import DEFAULT_RESCORE_EVERY, SFT_DEFAULTS, SYNTH_PARAMETERS, USER_DATA
 
 
 def _paths(directory: Path) -> dict[str, str]:
@@ -77,7 +77,11 @@ def plan_stages(config: dict[str, Any]) -> list[Any]:
                 _sft(sft, config),
             )
         )
-    stages.append(Stage("triage", "prepare", {}, ["data"], _triage))
+    # only what differs from the defaults enters the key (a config without a triage section keeps its cache)
+    triage_settings = {k: v for k, v in config["triage"].items() if v}
+    if triage_settings.get("noise"):
+        triage_settings["seed"] = config["seed"]
+    stages.append(Stage("triage", "prepare", triage_settings, ["data"], _triage(triage_settings)))
     methods = list(config["methods"])
     for method in methods:
         if method in DERIVED:
@@ -231,13 +235,17 @@ def _sft(settings: dict[str, Any], config: dict[str, Any]) -> Any:
     return run
 
 
-def _triage(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
-    from trace_ds.triage import run_triage
+def _triage(settings: dict[str, Any]) -> Any:
+    def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+        from trace_ds.triage import run_triage
 
-    paths = _paths(inputs["data"])
-    report = run_triage(paths["pairs"], paths["verdicts"], str(directory / "triaged.jsonl"))
-    write_json(directory / "paths.json", {"triaged": str(directory / "triaged.jsonl")})
-    return {"categories": report["categories"], "unjudged": report["unjudged"]}
+        paths = _paths(inputs["data"])
+        report = run_triage(paths["pairs"], paths["verdicts"], str(directory / "triaged.jsonl"), **settings)
+        write_json(directory / "paths.json", {"triaged": str(directory / "triaged.jsonl")})
+        flipped = (report.get("noise") or {}).get("flipped")
+        return {"categories": report["categories"], "unjudged": report["unjudged"], "noise_flipped": flipped}
+
+    return run
 
 
 def _derive(method: str) -> Any:
@@ -325,6 +333,10 @@ def _train(method: str, settings: dict[str, Any], config: dict[str, Any]) -> Any
             options.update(relational="dpo", alpha_kl=0.0)
         if method in ("no_kl", "no_triage"):
             options["alpha_kl"] = 0.0
+        if method == "trace_rescore":
+            options["rescore_every"] = options.get("rescore_every") or DEFAULT_RESCORE_EVERY
+        else:
+            options.pop("rescore_every", None)
         out = directory / "run"
         resume = (out / "checkpoints" / "latest").exists()
         run_train(
