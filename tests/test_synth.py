@@ -120,6 +120,26 @@ def test_eval_prompts_are_held_out(bench):
     assert manifest["counts"]["eval_prompts"]["shifted"] == sum(r["shifted"] for r in eval_rows)
 
 
+def test_general_text_is_split_into_stable_and_shifted_topics(bench):
+    """general_stable.txt / general_shifted.txt hold general.txt's documents, in its order, by their prompt's topic."""
+    out, manifest = bench
+    shifted = {r["prompt"]: r["shifted"] for r in _rows(out / "eval/prompts.jsonl")}
+    docs = (out / FILES["eval_general"]).read_text(encoding="utf-8").split("\n\n")[:-1]
+    stable_docs = (out / FILES["eval_general_stable"]).read_text(encoding="utf-8").split("\n\n")[:-1]
+    shifted_docs = (out / FILES["eval_general_shifted"]).read_text(encoding="utf-8").split("\n\n")[:-1]
+    assert stable_docs == [d for d in docs if not shifted[d.split("\n")[0].removeprefix("User: ")]]
+    assert shifted_docs == [d for d in docs if shifted[d.split("\n")[0].removeprefix("User: ")]]
+    assert stable_docs and shifted_docs and len(stable_docs) + len(shifted_docs) == len(docs)
+    counts = manifest["counts"]
+    n_shifted = counts["eval_prompts"]["shifted"]
+    assert counts["eval_general_shifted"] == {"prompts": n_shifted, "documents": n_shifted * len(STYLES)}
+    assert counts["eval_general_stable"] == {
+        "prompts": ARGS["n_eval_prompts"] - n_shifted,
+        "documents": len(stable_docs),
+    }
+    assert counts["eval_general_shifted"]["documents"] == len(shifted_docs)
+
+
 def test_manifest_and_eval_marker_record_the_eval_prompts_digest(bench):
     out, manifest = bench
     rows = _rows(out / "eval/prompts.jsonl")

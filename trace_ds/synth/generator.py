@@ -57,6 +57,8 @@ FILES: dict[str, str] = {
     "eval_verdicts": "eval/verdicts.jsonl",
     "eval_truth": "eval/truth.jsonl",
     "eval_general": "eval/general.txt",
+    "eval_general_stable": "eval/general_stable.txt",
+    "eval_general_shifted": "eval/general_shifted.txt",
     "eval_manifest": "eval/manifest.json",
     "manifest": "manifest.json",
 }
@@ -254,13 +256,18 @@ def _verdict_rows(
 
 def _documents(prompts: list[SynthPrompt], rng: random.Random) -> str:
     """Every prompt with a response in every style, in chat format, shuffled: a style-neutral LM corpus."""
+    return "".join(doc for _, doc in _document_list(prompts, rng))
+
+
+def _document_list(prompts: list[SynthPrompt], rng: random.Random) -> list[tuple[SynthPrompt, str]]:
+    """:func:`_documents`' documents in its order, each with its prompt (the same draws from ``rng``)."""
     docs = [
-        render_chat(p.text, render_response(p, style, _answer(p, rng), rng))
+        (p, render_chat(p.text, render_response(p, style, _answer(p, rng), rng)))
         for p in prompts
         for style in STYLES
     ]
     rng.shuffle(docs)
-    return "".join(docs)
+    return docs
 
 
 def _split_counts(truth: list[dict]) -> dict[str, Any]:
@@ -373,7 +380,14 @@ def build_benchmark(
 
     corpus_prompts = [p for t in TOPICS for p in train_pools[t.name]]
     corpus = _documents(corpus_prompts, _rng(seed, "corpus"))
-    general = _documents(eval_prompts, _rng(seed, "general"))
+    # general_stable.txt / general_shifted.txt: general.txt's own documents (the same text, in its order) split by
+    # their prompt's topic, so perplexity can be read on text the new policy leaves alone (the utility target)
+    # apart from text it changes
+    general_docs = _document_list(eval_prompts, _rng(seed, "general"))
+    general = "".join(doc for _, doc in general_docs)
+    general_stable = "".join(doc for p, doc in general_docs if not p.topic.shifted)
+    general_shifted = "".join(doc for p, doc in general_docs if p.topic.shifted)
+    n_shifted_prompts = sum(p.topic.shifted for p in eval_prompts)
 
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -409,6 +423,14 @@ def build_benchmark(
             },
             "corpus": {"prompts": len(corpus_prompts), "documents": len(corpus_prompts) * len(STYLES)},
             "eval_general": {"prompts": len(eval_prompts), "documents": len(eval_prompts) * len(STYLES)},
+            "eval_general_stable": {
+                "prompts": len(eval_prompts) - n_shifted_prompts,
+                "documents": (len(eval_prompts) - n_shifted_prompts) * len(STYLES),
+            },
+            "eval_general_shifted": {
+                "prompts": n_shifted_prompts,
+                "documents": n_shifted_prompts * len(STYLES),
+            },
         },
         "judge": {
             "name": JUDGE_NAME,
@@ -437,6 +459,8 @@ def build_benchmark(
     write_jsonl(out / FILES["eval_verdicts"], eval_verdicts)
     write_jsonl(out / FILES["eval_truth"], eval_truth)
     write_text(out / FILES["eval_general"], general)
+    write_text(out / FILES["eval_general_stable"], general_stable)
+    write_text(out / FILES["eval_general_shifted"], general_shifted)
     write_json(out / FILES["eval_manifest"], eval_manifest)
     write_json(out / FILES["manifest"], manifest)  # last: its presence marks a complete benchmark
     return manifest
