@@ -48,3 +48,20 @@ def _restore_launch_env():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# Tests whose passing CI's log must show by name (a quiet run prints only dots): the real pretrained model and
+# the efficacy study's CI mode.
+SHOWN_WHEN_PASSED = ("tests/test_real_model.py::", "tests/test_study.py::")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    passed = [
+        report
+        for report in terminalreporter.stats.get("passed", [])
+        if report.when == "call" and report.nodeid.startswith(SHOWN_WHEN_PASSED)
+    ]
+    if passed:
+        terminalreporter.write_sep("-", "ran and passed")
+        for report in passed:
+            terminalreporter.write_line(f"PASSED {report.nodeid} ({report.duration:.1f} s)")

@@ -1075,6 +1075,37 @@ def demo(out: str, n_pairs: int, seed: int, ranks: int, all_baselines: bool) -> 
     _print_pipeline_summary(pipeline, pipeline.run())
 
 
+@main.command()
+@click.option("--out", default="runs/study", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--quick", is_flag=True, help="CI size: 2 seeds, noise 0 and 0.2, a tiny model, one rank (minutes)."
+)
+@click.option("--seeds", default=None, help="Comma-separated seeds (default 0,1,2; --quick 0,1).")
+@click.option("--noise", default=None, help="Comma-separated label-noise levels (default 0,0.1,0.2,0.3).")
+@click.option("--ranks", type=int, default=None, help="Ranks of each training launch (default 2; --quick 1).")
+def study(out: str, quick: bool, seeds: str | None, noise: str | None, ranks: int | None) -> None:
+    """The efficacy study: every arm over seeds, TRACE and naive DPO under label noise, one report."""
+    from dataclasses import replace
+
+    from trace_ds.determinism import pin_cpu_numerics
+    from trace_ds.pipeline import DEMO_CPU_NUMERICS
+
+    pin_cpu_numerics(**DEMO_CPU_NUMERICS)  # before anything imports torch
+    from trace_ds.study import StudyConfig, run_study
+
+    config = StudyConfig.quick_mode(out) if quick else StudyConfig(out=out)
+    if seeds:
+        config = replace(config, seeds=tuple(int(s) for s in seeds.split(",")))
+    if noise:
+        levels = tuple(float(x) for x in noise.split(","))
+        if 0.0 not in levels or any(not 0.0 <= x <= 1.0 for x in levels):
+            raise TraceError(f"--noise {noise}: fractions in [0, 1], including 0 (the arms run there)")
+        config = replace(config, noise=levels)
+    if ranks:
+        config = replace(config, ranks=ranks)
+    run_study(config)
+
+
 def run_cli() -> None:
     """The ``trace-ds`` console entry point: :func:`main`, and a finished rank of a multi-process launch
     leaves without interpreter teardown. There, gloo's (and DeepSpeed's) C++ threads were now and then

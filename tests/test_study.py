@@ -1,0 +1,104 @@
+"""``trace-ds study --quick``: the efficacy study end to end at CI size. Checks the report's structure and
+that every arm's numbers come from its own run: its own trained model, evaluated in its own stage folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trace_ds.study import ARMS, NOISE_ARMS, QUICK, metric_values, steps_per_pass
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+HEADINGS = (
+    "## Arms (noise 0)",
+    "## Label noise",
+    "## Do the scores predict the effect of a step? (first-order check)",
+    "## Impact weights (noise 0)",
+    "## Every run (the files each number was read from)",
+)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("study") / "quick"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "trace_ds.cli", "study", "--quick", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=840,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(f"trace-ds study --quick: {json.loads((out / 'study.json').read_text())['seconds']} s")
+    return {"out": out, "data": json.loads((out / "study.json").read_text())}
+
+
+def test_the_report_has_every_section_and_plot(study: dict) -> None:
+    text = (study["out"] / "study.md").read_text()
+    positions = [text.index(heading) for heading in HEADINGS]
+    assert positions == sorted(positions)
+    for plot in ("tpa_vs_noise.png", "arms.png", "weights.png"):
+        assert (study["out"] / plot).stat().st_size > 1000 and f"]({plot})" in text
+    data = study["data"]
+    assert data["command"].startswith("trace-ds study --quick")
+    assert data["spearman"]["n"] == 2 and -1.0 <= data["spearman"]["mean"] <= 1.0
+    for checks in data["seeds"].values():
+        assert checks["influence"]["pairs"] == QUICK.influence_sample
+        assert set(checks["zero_weights"]) == {"inversion", "suppression"}
+        assert all(0.0 < share <= 1.0 for share in checks["effective_share"].values())
+    assert set(data["trace_minus"]) == {"old", *ARMS} - {"trace"}  # paired by seed against TRACE
+    assert data["stage_seconds"]["total"] > 0 and "train" in data["stage_seconds"]
+
+
+def test_every_arm_of_every_seed_and_noise_level_ran(study: dict) -> None:
+    runs = study["data"]["runs"]
+    found = {(r["seed"], r["noise"], r["arm"]) for r in runs}
+    want = {(s, 0.0, a) for s in (0, 1) for a in ("old", *ARMS)} | {
+        (s, 0.2, a) for s in (0, 1) for a in NOISE_ARMS
+    }
+    assert found == want and len(runs) == len(want)
+    steps = steps_per_pass(QUICK, 1)
+    assert all(r["steps"] == steps for r in runs if r["arm"] != "old")  # equal steps for every arm
+    rescored = [r for r in runs if r["arm"] == "trace_rescore"]
+    assert rescored and all(r["rescore_s"] > 0 for r in rescored)  # it re-scored inside its run
+    assert all(r["rescore_s"] == 0 for r in runs if r["arm"] not in ("trace_rescore", "old"))
+
+
+def test_each_number_comes_from_its_own_run(study: dict) -> None:
+    runs = study["data"]["runs"]
+    for row in runs:
+        metrics_path = Path(row["metrics"])
+        stage = "eval_old" if row["arm"] == "old" else f"eval_{row['arm']}"
+        assert (
+            metrics_path.parent.name.startswith(f"{stage}-") and f"seed-{row['seed']}" in metrics_path.parts
+        )
+        assert metric_values(metrics_path) == {
+            k: row[k] for k in metric_values(metrics_path)
+        }  # read, not made up
+        if row["arm"] != "old":  # evaluated the model this arm trained
+            assert json.loads(metrics_path.read_text())["model"] == row["model"]
+            assert Path(row["model"]).parent.parent.name.startswith(f"train_{row['arm']}-")
+    for seed in (0, 1):
+        for noise in (0.0, 0.2):
+            models = [
+                r["model"] for r in runs if (r["seed"], r["noise"]) == (seed, noise) and r["arm"] != "old"
+            ]
+            assert len(set(models)) == len(models)
+    noisy = {r["model"] for r in runs if r["noise"] == 0.2}
+    assert not noisy & {r.get("model") for r in runs if r["noise"] == 0.0}  # noise reran training
+
+
+def test_aggregates_are_the_mean_of_the_runs(study: dict) -> None:
+    data = study["data"]
+    for entry in data["aggregates"].values():
+        rows = [r for r in data["runs"] if r["arm"] == entry["arm"] and r["noise"] == entry["noise"]]
+        values = [r["tpa_all"] for r in rows if r["tpa_all"] is not None]
+        assert entry["tpa_all"]["n"] == len(values) == 2
+        assert math.isclose(entry["tpa_all"]["mean"], sum(values) / 2, abs_tol=1e-12)
