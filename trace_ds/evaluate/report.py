@@ -18,7 +18,7 @@ from trace_ds.io import write_json, write_text
 
 TPA_GAIN_TARGET = 0.15  # TRACE's TPA must beat the old model's by this much (issue target)
 RETENTION_TOLERANCE = 0.05  # "within a few points" on retention (stable) topics
-PERPLEXITY_TOLERANCE = 0.10  # utility: held-out perplexity at most 10% above the old model's
+PERPLEXITY_TOLERANCE = 0.10  # utility: perplexity at most 10% above the old model's (on stable-topic text)
 NO_TPA = "not computed (no judge for this policy)"
 MAX_SMOOTHING_WINDOW = 50
 ARROWS = {"higher": "↑", "lower": "↓"}
@@ -34,6 +34,7 @@ class Metric:
     digits: int
     value: Callable[[dict[str, Any]], Any]
     tpa_group: str | None = None  # a TPA row: the value carries a 95% interval, or is not computed
+    optional: bool = False  # a row shown only where some evaluation has a value (the rest are "-")
 
 
 def _tpa(group: str) -> Callable[[dict[str, Any]], Any]:
@@ -42,6 +43,11 @@ def _tpa(group: str) -> Callable[[dict[str, Any]], Any]:
 
 def _preference(key: str) -> Callable[[dict[str, Any]], Any]:
     return lambda m: m["preference"].get(key)
+
+
+def _perplexity_group(group: str) -> Callable[[dict[str, Any]], Any]:
+    """Perplexity on one group's held-out text (``general_<group>.txt``); None where the data has none."""
+    return lambda m: ((m.get("perplexity") or {}).get(group) or {}).get("model")
 
 
 METRICS: tuple[Metric, ...] = (
@@ -70,6 +76,22 @@ METRICS: tuple[Metric, ...] = (
         "lower",
         2,
         lambda m: m["perplexity"]["model"] if m.get("perplexity") else None,
+    ),
+    Metric(
+        "perplexity_stable",
+        "perplexity on held-out stable-topic text (utility target)",
+        "lower",
+        2,
+        _perplexity_group("stable"),
+        optional=True,
+    ),
+    Metric(
+        "perplexity_shifted",
+        "perplexity on held-out shifted-topic text",
+        "lower",
+        2,
+        _perplexity_group("shifted"),
+        optional=True,
     ),
 )
 
@@ -158,7 +180,12 @@ def _results(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def target_check(evaluations: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """TRACE against the old model: TPA gain, TPA drop on stable topics, perplexity change. A target that
-    cannot be checked (no TPA judge, no stable prompts, no perplexity) is ``None``, never met or missed."""
+    cannot be checked (no TPA judge, no stable prompts, no perplexity) is ``None``, never met or missed.
+
+    The utility target (perplexity at most PERPLEXITY_TOLERANCE above the old model's) is judged on held-out
+    stable-topic text where both evaluations have it (``perplexity.stable``): the new policy is meant to change
+    what the model says on shifted topics, not its language elsewhere. Otherwise on all held-out general text;
+    ``perplexity_text`` says which (``stable`` or ``all``)."""
     if "trace" not in evaluations:
         return {}
     old, trace = evaluations["old"], evaluations["trace"]
@@ -171,9 +198,16 @@ def target_check(evaluations: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
     gain = difference(trace_tpa, old_tpa, "all") if checked else None
     drop = difference(old_tpa, trace_tpa, "stable") if checked else None
-    ppl_old = old["perplexity"]["model"] if old.get("perplexity") else None
-    ppl_trace = trace["perplexity"]["model"] if trace.get("perplexity") else None
+    stable = _perplexity_group("stable")
+    text = "stable" if stable(old) is not None and stable(trace) is not None else "all"
+    ppl_old, ppl_trace = (
+        (stable(old), stable(trace))
+        if text == "stable"
+        else tuple(m["perplexity"]["model"] if m.get("perplexity") else None for m in (old, trace))
+    )
     change = (ppl_trace / ppl_old - 1.0) if ppl_old and ppl_trace else None
+    shifted = _perplexity_group("shifted")
+    shifted_old, shifted_trace = shifted(old), shifted(trace)
     return {
         "prompts": trace_tpa["all"]["prompts"] if trace_tpa else None,
         "tpa_checked": checked,
@@ -184,11 +218,15 @@ def target_check(evaluations: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "retention_tpa_drop": drop,
         "retention_tolerance": RETENTION_TOLERANCE,
         "retention_target_met": None if drop is None else drop <= RETENTION_TOLERANCE,
+        "perplexity_text": text,
         "perplexity_old": ppl_old,
         "perplexity_trace": ppl_trace,
         "perplexity_change": change,
         "perplexity_tolerance": PERPLEXITY_TOLERANCE,
         "perplexity_target_met": None if change is None else change <= PERPLEXITY_TOLERANCE,
+        "perplexity_shifted_change": (
+            shifted_trace / shifted_old - 1.0 if shifted_old and shifted_trace else None
+        ),
     }
 
 
@@ -266,6 +304,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(names),
     ]
     for metric in METRICS:
+        if metric.optional and all(data["results"][name][metric.key] is None for name in names):
+            continue
         cells = []
         for name in names:
             value = data["results"][name][metric.key]
@@ -314,13 +354,24 @@ def _targets_markdown(check: dict[str, Any]) -> list[str]:
             f"(at most {100 * RETENTION_TOLERANCE:.0f} below): **{verdict(check['retention_target_met'])}**."
         )
     change = check["perplexity_change"]
-    lines += [
-        f"- Utility perplexity on held-out general text: old {_fmt(check['perplexity_old'], 2)}, TRACE "
-        f"{_fmt(check['perplexity_trace'], 2)} ({'-' if change is None else f'{100 * change:+.1f}%'}, tolerance "
-        f"+{100 * PERPLEXITY_TOLERANCE:.0f}%): **{verdict(check['perplexity_target_met'])}**.",
-        "",
-    ]
-    return lines
+    on_stable = check.get("perplexity_text") == "stable"
+    text = "held-out stable-topic text" if on_stable else "held-out general text"
+    lines.append(
+        f"- Utility perplexity on {text}: old {_fmt(check['perplexity_old'], 2)}, TRACE "
+        f"{_fmt(check['perplexity_trace'], 2)} ({_percent(change)}, tolerance "
+        f"+{100 * PERPLEXITY_TOLERANCE:.0f}%): **{verdict(check['perplexity_target_met'])}**."
+    )
+    if on_stable:
+        lines.append(
+            "  Judged on stable topics only: the new policy changes the answers on shifted topics, so their "
+            f"text is no measure of utility (shifted-topic text: {_percent(check.get('perplexity_shifted_change'))}"
+            ", not a target)."
+        )
+    return [*lines, ""]
+
+
+def _percent(change: float | None) -> str:
+    return "-" if change is None else f"{100 * change:+.1f}%"
 
 
 def _points(value: float | None, signed: bool = False) -> str:

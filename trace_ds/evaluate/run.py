@@ -1,17 +1,20 @@
 """``trace-ds eval``: preference metrics against the reference, perplexity, and TPA where a judge exists.
 
-TPA needs a judge of the NEW policy. The synthetic benchmark's rule judge (trace_ds.synth.judge) knows only
-the benchmark's own policy, so it is used only when the evaluated ``prompts.jsonl`` is the one
-``trace-ds synth`` wrote: its canonical digest (trace_ds.synth.generator.prompts_digest) must equal the one
-recorded in ``eval/manifest.json`` or in the benchmark's ``manifest.json`` one folder up. Anything else (your
-own data, an edited copy of the benchmark) gets ``"tpa": null`` and the reason; judge the written
-generations with `trace-ds judge run --generations` or `judge export` / `judge parse --generations`, then
-`trace-ds tpa`.
+TPA needs a judge of the NEW policy. trace-ds has two rule judges, each knowing only its own data's policy:
+the synthetic benchmark's (trace_ds.synth.judge) and the real-model scenario's
+(trace_ds.synth.real_scenario, `trace-ds demo --real`). One is used only when the evaluated
+``prompts.jsonl`` is the one its generator wrote: its canonical digest (trace_ds.synth.generator.prompts_digest)
+must equal the one recorded in ``eval/manifest.json`` or in the data's ``manifest.json`` one folder up, and
+the manifest's ``format`` says which judge (:data:`EVAL_MARKERS`, :data:`DATA_MARKERS`). Anything else (your
+own data, an edited copy) gets ``"tpa": null`` and the reason; judge the written generations with
+`trace-ds judge run --generations` or `judge export` / `judge parse --generations`, then `trace-ds tpa`.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,9 @@ from trace_ds.data.tokenize import TokenizeConfig
 from trace_ds.evaluate.metrics import (
     HeadSettings,
     generate,
+    nll_totals,
     perplexity,
+    perplexity_of,
     preference_metrics,
     target_policy_agreement,
 )
@@ -32,6 +37,7 @@ from trace_ds.triage import triage
 from trace_ds.vocab_head import check_head
 
 NO_TPA = "TPA not computed: no judge for this policy"
+PERPLEXITY_GROUPS = ("stable", "shifted")  # general_<group>.txt in an evaluation folder (optional)
 NO_TPA_SHORT = "not computed (no judge for this policy)"
 TPA_HOW = (
     "judge the generations: `trace-ds judge run --generations G --model JUDGE --policy NEW_POLICY --out V` "
@@ -42,47 +48,73 @@ TPA_HOW = (
 
 @dataclass(frozen=True)
 class TpaJudge:
-    """Which judge scores TPA in `trace-ds eval`: ``name`` is ``synth-rule`` or None (no judge); ``reason``
-    says why (the marker that matched, or what did not)."""
+    """Which judge scores TPA in `trace-ds eval`: ``name`` is a rule judge's name (:func:`rule_judge`) or None
+    (no judge); ``reason`` says why (the marker that matched, or what did not)."""
 
     name: str | None
     reason: str
     prompts_sha256: str
 
 
-def tpa_judge_for(folder: str | Path) -> TpaJudge:
-    """The rule judge when ``folder/prompts.jsonl`` is exactly (canonically) the synthetic benchmark's eval
-    prompts, as recorded by `trace-ds synth` in ``folder/manifest.json`` (kept by a copy of the folder) or in
-    ``folder/../manifest.json`` (the benchmark's own). A ``shifted`` field, a topic or a file name is no proof."""
-    from trace_ds.synth.generator import EVAL_FORMAT, FILES, FORMAT, prompts_digest
-    from trace_ds.synth.judge import JUDGE_NAME
+def _markers() -> tuple[dict[str, str], dict[str, str]]:
+    """(eval-folder manifest format -> judge name, data manifest format -> judge name)."""
+    from trace_ds.synth import generator, judge, real_scenario
 
+    return (
+        {generator.EVAL_FORMAT: judge.JUDGE_NAME, real_scenario.EVAL_FORMAT: real_scenario.JUDGE_NAME},
+        {generator.FORMAT: judge.JUDGE_NAME, real_scenario.FORMAT: real_scenario.JUDGE_NAME},
+    )
+
+
+def rule_judge(name: str) -> Callable[[Any, str], bool]:
+    """The ``violates(prompt, response)`` function of the rule judge called ``name``."""
+    from trace_ds.synth import judge, real_scenario
+
+    judges = {judge.JUDGE_NAME: judge.violates, real_scenario.JUDGE_NAME: real_scenario.violates}
+    if name not in judges:
+        raise TraceError(f"no rule judge called {name!r}; known: {', '.join(sorted(judges))}")
+    return judges[name]
+
+
+def tpa_judge_for(folder: str | Path) -> TpaJudge:
+    """A rule judge when ``folder/prompts.jsonl`` is exactly (canonically) the eval prompts its generator wrote
+    (`trace-ds synth`, or the real-model scenario of `trace-ds demo --real`), as recorded in
+    ``folder/manifest.json`` (kept by a copy of the folder) or in ``folder/../manifest.json`` (the data's own);
+    the manifest's format names the judge. A ``shifted`` field, a topic or a file name is no proof."""
+    from trace_ds.synth.generator import prompts_digest
+
+    eval_markers, data_markers = _markers()
     folder = Path(folder)
     prompts = folder / "prompts.jsonl"
     digest = prompts_digest(record for _, record in iter_jsonl(prompts))
-    candidates: list[tuple[Path, str | None]] = []
-    for marker in (folder / "manifest.json", folder.parent / FILES["manifest"]):
+    candidates: list[tuple[Path, str | None, str]] = []
+    for marker in (folder / "manifest.json", folder.parent / "manifest.json"):
         manifest = _read_manifest(marker)
         if manifest is None:
             continue
-        if manifest.get("format") == EVAL_FORMAT:
-            candidates.append((marker, manifest.get("prompts_sha256")))
-        elif manifest.get("format") == FORMAT:
+        kind = manifest.get("format")
+        if kind in eval_markers:
+            candidates.append((marker, manifest.get("prompts_sha256"), eval_markers[kind]))
+        elif kind in data_markers:
             eval_prompts = (manifest.get("files") or {}).get("eval_prompts")
             if eval_prompts and _same_file(marker.parent / eval_prompts, prompts):
-                candidates.append((marker, (manifest.get("tpa_judge") or {}).get("prompts_sha256")))
-    for marker, recorded in candidates:
+                recorded = (manifest.get("tpa_judge") or {}).get("prompts_sha256")
+                candidates.append((marker, recorded, data_markers[kind]))
+    for marker, recorded, name in candidates:
         if recorded == digest:
-            return TpaJudge(JUDGE_NAME, f"{prompts} matches the digest recorded in {marker}", digest)
+            return TpaJudge(name, f"{prompts} matches the digest recorded in {marker}", digest)
     if not candidates:
-        reason = f"no synthetic-benchmark manifest for {folder} (the rule judge knows only that benchmark's policy)"
-    elif all(recorded is None for _, recorded in candidates):
+        reason = (
+            f"no synthetic-benchmark manifest (nor a real-scenario one) for {folder} (the rule judges know only "
+            "their own data's policies)"
+        )
+    elif all(recorded is None for _, recorded, _ in candidates):
         reason = (
             f"{candidates[0][0]} records no prompt digest (a benchmark from before trace-ds recorded one: "
             "rebuild it with `trace-ds synth`)"
         )
     else:
-        reason = f"{prompts} differs from the synthetic benchmark's recorded prompts ({candidates[0][0]})"
+        reason = f"{prompts} differs from the recorded prompts of its data ({candidates[0][0]})"
     return TpaJudge(None, reason, digest)
 
 
@@ -103,6 +135,49 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def read_documents(path: Path) -> list[str]:
+    """The documents of a held-out text file, separated by blank lines; none when the file is missing."""
+    if not path.exists():
+        return []
+    return [doc for doc in path.read_text(encoding="utf-8").split("\n\n") if doc.strip()]
+
+
+def perplexity_metrics(
+    model: Any, reference: Any, tokenizer: Any, folder: Path, batch_size: int, strategy: Any, vocab_tile: int
+) -> dict[str, Any] | None:
+    """``{"model", "reference", "texts"}``: perplexity of model and reference on ``folder/general.txt`` (None
+    without text there), plus the same under ``stable`` / ``shifted`` for each ``general_<group>.txt`` that holds
+    text (held-out text of the topics the new policy keeps, and of those it changes). When the two group files
+    hold exactly general.txt's documents (the synthetic benchmark's, the real-model scenario's), the overall
+    figure pools their NLL and token totals instead of a third pass over the same text."""
+    texts = read_documents(folder / "general.txt")
+    if not texts:
+        return None
+    groups = {group: read_documents(folder / f"general_{group}.txt") for group in PERPLEXITY_GROUPS}
+    groups = {group: docs for group, docs in groups.items() if docs}
+    pooled = len(groups) == len(PERPLEXITY_GROUPS) and Counter(texts) == Counter(
+        doc for docs in groups.values() for doc in docs
+    )
+    result: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {group: {} for group in groups}
+    for role, net in (("model", model), ("reference", reference)):
+        totals = {
+            group: nll_totals(net, tokenizer, docs, batch_size, strategy=strategy, vocab_tile=vocab_tile)
+            for group, docs in groups.items()
+        }
+        result[role] = (
+            perplexity_of(*totals.values())
+            if pooled
+            else perplexity(net, tokenizer, texts, batch_size, strategy=strategy, vocab_tile=vocab_tile)
+        )
+        for group, total in totals.items():
+            parts[group][role] = perplexity_of(total)
+    result["texts"] = len(texts)
+    for group, entry in parts.items():
+        result[group] = {**entry, "texts": len(groups[group])}
+    return result
+
+
 def tpa_summary(metrics: dict[str, Any]) -> float | str | None:
     """Overall TPA for a one-line summary (the pipeline's eval stages), or why there is none."""
     return metrics["tpa"]["all"]["tpa"] if metrics.get("tpa") else NO_TPA_SHORT
@@ -113,7 +188,9 @@ class EvalConfig:
     """What to evaluate and on what. ``data`` is an evaluation folder laid out like the synthetic benchmark's
     ``eval/``: ``pairs.jsonl`` + ``verdicts.jsonl`` (held-out pairs, triaged here), ``prompts.jsonl``
     (held-out prompts to generate from, with ``shifted``; TPA on them only with a judge, see
-    :func:`tpa_judge_for`), ``general.txt`` (held-out text for perplexity)."""
+    :func:`tpa_judge_for`), ``general.txt`` (held-out text for perplexity) and, optionally,
+    ``general_stable.txt`` / ``general_shifted.txt`` (its stable-topic and shifted-topic documents, each
+    reported on its own: :func:`perplexity_metrics`)."""
 
     model: str
     reference: str
@@ -180,7 +257,6 @@ def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
     from trace_ds.console import console
     from trace_ds.fingerprint import environment_fingerprint
     from trace_ds.models import load_causal_lm, load_tokenizer, pad_token_id
-    from trace_ds.synth.judge import violates
 
     started = time.perf_counter()
     folder = Path(config.data)
@@ -225,6 +301,7 @@ def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
         config.sample, config.temperature, config.seed, strategy,
     )  # fmt: skip
     if judge.name is not None:
+        violates = rule_judge(judge.name)
         tpa: dict[str, Any] | None = target_policy_agreement(prompts, responses, violates)
         compliant: list[bool | None] = [
             not violates(p["prompt"], r) for p, r in zip(prompts, responses, strict=True)
@@ -253,11 +330,9 @@ def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
                 markup=False,
                 soft_wrap=True,
             )
-    general = folder / "general.txt"
-    texts = (
-        [line for line in general.read_text(encoding="utf-8").split("\n\n") if line.strip()]
-        if general.exists()
-        else []
+
+    general = perplexity_metrics(
+        model, reference, tokenizer, folder, config.batch_size, strategy, config.vocab_tile
     )
     metrics = {
         "model": config.model,
@@ -276,22 +351,7 @@ def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
             "seed": config.seed,
             "max_new_tokens": config.max_new_tokens,
         },
-        "perplexity": {
-            "model": perplexity(
-                model, tokenizer, texts, config.batch_size, strategy=strategy, vocab_tile=config.vocab_tile
-            ),
-            "reference": perplexity(
-                reference,
-                tokenizer,
-                texts,
-                config.batch_size,
-                strategy=strategy,
-                vocab_tile=config.vocab_tile,
-            ),
-            "texts": len(texts),
-        }
-        if texts
-        else None,
+        "perplexity": general,
         "generations": str(generations),
         "world_size": strategy.world_size,
         "seconds": round(time.perf_counter() - started, 2),
