@@ -15,8 +15,12 @@ export TRITON_INTERPRET=1 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 # DeepSpeed's JIT ops built against this venv's torch, kept beside it: a shared ~/.cache/torch_extensions is
 # rebuilt (40-80 s per launch) whenever another checkout or venv used it last
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(cd "$VENV" && pwd)/torch_extensions}"
-# two workers, whole files each (module fixtures run once): the suite's processes are mostly single-threaded
-# launches and imports; TRACE_DS_TEST_WORKERS=0 runs it in this one process
+# two workers, whole files each (module fixtures run once), one thread per process: with two threads per process
+# the workers' OpenMP threads oversubscribe the 2 cores and spin-wait on each other (a test of 2 s took 150 s).
+# TRACE_DS_TEST_WORKERS=0 runs the suite in this one process with torch's default threads.
 workers="${TRACE_DS_TEST_WORKERS:-2}"
-if [ "$workers" -gt 0 ]; then set -- -n "$workers" --dist loadfile "$@"; fi
+if [ "$workers" -gt 0 ]; then
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+  set -- -n "$workers" --dist loadfile "$@"
+fi
 exec "$VENV/bin/python" -m pytest "$@"

@@ -1123,7 +1123,8 @@ def study(out: str, quick: bool, seeds: str | None, noise: str | None, ranks: in
     from trace_ds.determinism import pin_cpu_numerics
     from trace_ds.pipeline import DEMO_CPU_NUMERICS
 
-    pin_cpu_numerics(**DEMO_CPU_NUMERICS)  # before anything imports torch
+    # before anything imports torch; --quick runs on one thread (CI runs another test beside it)
+    pin_cpu_numerics(**{**DEMO_CPU_NUMERICS, **({"threads": 1} if quick else {})})
     from trace_ds.study import StudyConfig, run_study
 
     config = StudyConfig.quick_mode(out) if quick else StudyConfig(out=out)

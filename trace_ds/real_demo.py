@@ -38,11 +38,11 @@ launch: {{ranks: {ranks}, deepspeed: {deepspeed}, threads: {threads}, cpu_isa: n
 # Sizes measured to finish in under 20 minutes on 2 idle CPU cores (docs/results.md).
 SCENARIO = {"n_pairs": 200, "n_eval_prompts": 84, "n_eval_pairs": 60}
 TOKENIZE = {"max_length": 128, "max_prompt_length": 80}
-# beta 0.5 with per-token mean log-probs: IPO's target margin 1/(2 beta) is 1 nat per token (0.1 would ask for
+# beta 0.25 with per-token mean log-probs: IPO's target margin 1/(2 beta) is 2 nats per token (0.1 would ask for
 # 5, and NPO would keep pushing until the responses' per-token log-ratio is far below -10).
 SCORE: dict[str, Any] = {
     "probe_size": 30,
-    "beta": 0.5,
+    "beta": 0.25,
     "micro_batch": 8,
     "gradient_checkpointing": True,
     "logp_reduction": "mean",
@@ -51,7 +51,7 @@ TRAIN: dict[str, Any] = {
     "epochs": 1,
     "micro_batch": 2,
     "lr": 3.0e-5,
-    "beta": 0.5,
+    "beta": 0.25,
     "alpha_kl": 5.0,
     "gradient_checkpointing": True,
     "logp_reduction": "mean",
