@@ -35,7 +35,7 @@ eval: {{max_new_tokens: {max_new_tokens}, batch_size: 16, logp_reduction: mean}}
 methods: {methods}
 launch: {{ranks: {ranks}, deepspeed: {deepspeed}, threads: {threads}, cpu_isa: null}}
 """
-# Sizes measured to finish in under 20 minutes on 2 idle CPU cores (docs/results.md).
+# Sizes chosen for about 20 minutes on 2 CPU cores; not yet timed on an idle machine (docs/results.md).
 SCENARIO = {"n_pairs": 200, "n_eval_prompts": 84, "n_eval_pairs": 60}
 TOKENIZE = {"max_length": 128, "max_prompt_length": 80}
 # beta 0.25 with per-token mean log-probs: IPO's target margin 1/(2 beta) is 2 nats per token (0.1 would ask for
