@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,38 @@ def prompts_digest(records: Iterable[Any]) -> str:
         line = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         digest.update(line.encode("utf-8") + b"\n")
     return f"sha256:{digest.hexdigest()}"
+
+
+def eval_prompt_records(
+    prefix: str,
+    prompts: Sequence[Any],
+    text: Any,
+    marker: Mapping[str, Any],
+    files: Mapping[str, str],
+    min_width: int,
+) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """The held-out prompt rows (``<prefix>-evalprompt-NNNN``, the prompt as ``text(p)``, topic, shifted), their
+    digest, and the eval folder's manifest (``marker``: format, format_version, seed, tpa_judge) that lets
+    `trace-ds eval` apply the data's rule judge: shared by this benchmark and the real-model scenario
+    (trace_ds/synth/real_scenario.py)."""
+    width = max(min_width, len(str(max(len(prompts) - 1, 0))))
+    rows = [
+        {
+            "id": f"{prefix}-evalprompt-{i:0{width}d}",
+            "prompt": text(p),
+            "topic": p.topic.name,
+            "shifted": p.topic.shifted,
+        }
+        for i, p in enumerate(prompts)
+    ]
+    digest = prompts_digest(rows)
+    manifest = {
+        **marker,
+        "prompts": Path(files["eval_prompts"]).name,
+        "prompts_sha256": digest,
+        "benchmark_manifest": f"../{files['manifest']}",
+    }
+    return rows, digest, manifest
 
 
 def _rng(seed: int, stream: str) -> random.Random:
@@ -356,27 +388,10 @@ def build_benchmark(
     else:
         eval_pairs, eval_truth, eval_judged = [], [], []
     eval_verdicts, _ = _verdict_rows(eval_pairs, eval_judged, 0.0, 0.0, seed)
-    width = max(6, len(str(max(n_eval_prompts - 1, 0))))
-    eval_prompt_rows = [
-        {
-            "id": f"synth-evalprompt-{i:0{width}d}",
-            "prompt": p.text,
-            "topic": p.topic.name,
-            "shifted": p.topic.shifted,
-        }
-        for i, p in enumerate(eval_prompts)
-    ]
-
-    eval_digest = prompts_digest(eval_prompt_rows)
-    eval_manifest = {
-        "format": EVAL_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "seed": seed,
-        "tpa_judge": JUDGE_NAME,
-        "prompts": Path(FILES["eval_prompts"]).name,
-        "prompts_sha256": eval_digest,
-        "benchmark_manifest": f"../{FILES['manifest']}",
-    }
+    marker = {"format": EVAL_FORMAT, "format_version": FORMAT_VERSION, "seed": seed, "tpa_judge": JUDGE_NAME}
+    eval_prompt_rows, eval_digest, eval_manifest = eval_prompt_records(
+        "synth", eval_prompts, lambda p: p.text, marker, FILES, min_width=6
+    )
 
     corpus_prompts = [p for t in TOPICS for p in train_pools[t.name]]
     corpus = _documents(corpus_prompts, _rng(seed, "corpus"))

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import TraceError, write_json, write_jsonl, write_text
-from .generator import exact_counts, prompts_digest
+from .generator import eval_prompt_records, exact_counts
 
 FORMAT = "trace-ds-real-scenario"
 FORMAT_VERSION = 1
@@ -809,26 +809,10 @@ def build_scenario(
         )
     else:
         eval_pairs, eval_truth, eval_judged = [], [], []
-    width = max(4, len(str(max(n_eval_prompts - 1, 0))))
-    prompt_rows = [
-        {
-            "id": f"real-evalprompt-{i:0{width}d}",
-            "prompt": p.messages(),
-            "topic": p.topic.name,
-            "shifted": p.topic.shifted,
-        }
-        for i, p in enumerate(eval_prompts)
-    ]
-    digest = prompts_digest(prompt_rows)
-    eval_manifest = {
-        "format": EVAL_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "seed": seed,
-        "tpa_judge": JUDGE_NAME,
-        "prompts": Path(FILES["eval_prompts"]).name,
-        "prompts_sha256": digest,
-        "benchmark_manifest": f"../{FILES['manifest']}",
-    }
+    marker = {"format": EVAL_FORMAT, "format_version": FORMAT_VERSION, "seed": seed, "tpa_judge": JUDGE_NAME}
+    prompt_rows, digest, eval_manifest = eval_prompt_records(
+        "real", eval_prompts, lambda p: p.messages(), marker, FILES, min_width=4
+    )
     shifted_topics = [t for t in TOPICS if t.shifted]
     stable_topics = [t for t in TOPICS if not t.shifted]
     manifest: dict[str, Any] = {
