@@ -1062,7 +1062,7 @@ def _print_pipeline_summary(pipeline: Any, summary: dict[str, Any]) -> None:
     help="Default: runs/demo (runs/real with --real).",
 )
 @click.option(
-    "--pairs", "n_pairs", default=None, type=int, help="Training pairs. Default: 2000 (200 with --real)."
+    "--pairs", "n_pairs", default=None, type=int, help="Training pairs. Default: 2000 (100 with --real)."
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option("--ranks", default=2, show_default=True, help="Ranks of the ZeRO-3 training launch.")
@@ -1091,10 +1091,12 @@ def demo(
     if lora and not real:
         raise TraceError("--lora applies to --real (the synthetic demo trains its tiny model in full)")
     if real:
-        from trace_ds.real_demo import run_real_demo
+        from trace_ds.real_demo import SCENARIO, run_real_demo
 
         out = out or "runs/real"
-        pipeline, summary = run_real_demo(out, seed, n_pairs or 200, methods, ranks, lora, _pipeline)
+        pipeline, summary = run_real_demo(
+            out, seed, n_pairs or SCENARIO["n_pairs"], methods, ranks, lora, _pipeline
+        )
         _print_pipeline_summary(pipeline, {"seconds": summary["pipeline_seconds"]})
         console.print(
             f"summary (stage seconds, peak memory, TPA, perplexity): {out}/summary{'_lora' if lora else ''}.json"
