@@ -143,6 +143,8 @@ def test_own_data_with_build_tiny_needs_a_corpus_and_says_so(tmp_path: Path, own
         ("eval", {"max_new_token": 4}, r"did you mean 'max_new_tokens'"),
         ("launch", {"cpu_isa": "avx9"}, r"launch\.cpu_isa 'avx9': one of avx2"),
         ("launch", {"threads": 0}, r"launch\.threads 0: a whole number"),
+        ("score", {"lora": {"r": 4}}, r"LoRA needs both score\.lora .* and train\.lora: true"),
+        ("train", {"lora": True}, r"LoRA needs both score\.lora"),
     ],
 )
 def test_config_keys_are_checked_up_front(tmp_path: Path, section: str, values: dict, message: str) -> None:
@@ -189,3 +191,43 @@ def test_own_data_builds_the_tiny_model_from_the_corpus_and_keys_follow_the_file
     eval_prompts.write_text(eval_prompts.read_text())  # same bytes, new mtime: inside a folder, still seen
     after_eval = {s.name: s.key for s in Pipeline(load_config(config), str(config)).stages}
     assert after_eval["data"] != after_corpus["data"]
+
+
+LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.mark.parametrize(
+    ("lora", "train", "message"),
+    [
+        ({"rank": 4}, {}, r"unknown key 'rank' in score\.lora"),
+        ({"r": 0}, {}, r"--lora-r 0: must be at least 1"),
+        ([4], {}, r"score\.lora \[4\]: a mapping"),
+        (LORA, {"merge_lora": False}, r"train\.merge_lora false: the pipeline's eval stage loads"),
+    ],
+)
+def test_lora_settings_are_checked_up_front(tmp_path: Path, lora: object, train: dict, message: str) -> None:
+    with pytest.raises(TraceError, match=message):
+        load_config(write_config(tmp_path, score={"lora": lora}, train={"lora": True, **train}))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_lora_pipeline_scores_trains_merges_and_evaluates_the_adapters(tmp_path: Path) -> None:
+    """`score: {lora: {...}}` and `train: {lora: true}`: the adapters are scored, trained from the initial
+    adapter scoring saved, merged into run/final (eval loads a full model) and kept in run/final/adapter."""
+    config = write_config(tmp_path, score={"lora": LORA}, train={"lora": True}, methods=["trace"])
+    result = CliRunner().invoke(main, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    stages = {s.name: s for s in Pipeline(load_config(config), str(config)).stages}
+    meta = json.loads((stages["score"].directory / "scores.meta.json").read_text())
+    assert meta["lora"]["r"] == 4 and meta["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    final = stages["train_trace"].directory / "run" / "final"
+    export = json.loads((final / "export.json").read_text())
+    assert export["kind"] == "lora-adapter" and "merged" in export
+    assert (final / "adapter" / "adapter_config.json").is_file() and not (
+        final / "adapter_config.json"
+    ).exists()
+    metrics = json.loads((stages["eval_trace"].directory / "metrics.json").read_text())
+    assert (
+        metrics["model"] == str(final) and metrics["preference"]["retention_kl"] > 0.0
+    )  # the adapters moved

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trace_ds.config import ScoreConfig
+from trace_ds.config import LoraConfig, ScoreConfig
 from trace_ds.data.tokenize import TokenizeConfig
 from trace_ds.scoring.scorer import run_score
 from trace_ds.synth.generator import build_benchmark
@@ -77,6 +77,48 @@ def test_rescoring_at_step_0_under_zero3_equals_the_offline_scores(
     for a, b in zip(offline, rescored, strict=True):
         assert a["category"] == b["category"]
         assert b["weight"] == pytest.approx(a["weight"], abs=1e-5)
+
+
+def test_rescoring_lora_adapters_at_step_0_equals_their_offline_scores(
+    tiny_model_dir: Path, scored: dict[str, Path], tmp_path: Path
+) -> None:
+    """Under --lora the scores are over the adapters' weights (scored from the initial adapter that offline
+    scoring saved); in-run re-scoring must score the same adapters of the training module."""
+    scores = tmp_path / "lora_scores.jsonl"
+    run_score(
+        ScoreConfig(
+            model=str(tiny_model_dir),
+            triaged=str(scored["triaged"]),
+            out=str(scores),
+            probe_size=12,
+            micro_batch=8,
+            tokenize=TokenizeConfig(**TOKENIZE),
+            lora=LoraConfig(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj")),
+        )
+    )
+    out = tmp_path / "run"
+    config = tmp_path / "config.json"
+    fields = {
+        "model": str(tiny_model_dir),
+        "triaged": str(scored["triaged"]),
+        "scores": str(scores),
+        "out": str(out),
+        "lora": True,
+        "micro_batch": 3,
+        "rescore_every": 4,
+        "max_steps": 4,
+        "tokenize": TOKENIZE,
+    }
+    config.write_text(json.dumps(fields))
+    command = [sys.executable, str(REPO / "tests" / "rescore_worker.py"), str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    offline = read_lines(scores)
+    rescored = read_lines(out / "rescores" / "step_00000000.jsonl")
+    assert len(rescored) == len(offline)
+    assert_same_raw_scores(offline, rescored, rel=1e-6)
+    full = {r["id"]: r["raw_score"] for r in read_lines(scored["scores"])}
+    assert any(abs(r["raw_score"] - full[r["id"]]) > 1e-3 * abs(full[r["id"]]) for r in offline)  # adapters
 
 
 def train_command(model: Path, scored: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -1070,6 +1070,13 @@ def _print_pipeline_summary(pipeline: Any, summary: dict[str, Any]) -> None:
     "--all-baselines", is_flag=True, help="Also run TRACE w/o impact weighting, w/o KL and w/o triage."
 )
 @click.option(
+    "--methods",
+    "methods_option",
+    default=None,
+    help="Comma-separated methods (trace-ds run's names). Default: trace,naive_dpo (trace with --real: "
+    "naive DPO doubles the training time; add it with --methods trace,naive_dpo).",
+)
+@click.option(
     "--real",
     is_flag=True,
     help="A real chat model (SmolLM2-135M-Instruct, prepared offline) on a natural-language policy shift.",
@@ -1078,16 +1085,26 @@ def _print_pipeline_summary(pipeline: Any, summary: dict[str, Any]) -> None:
     "--lora", is_flag=True, help="With --real: score and train LoRA adapters instead of every weight."
 )
 def demo(
-    out: str | None, n_pairs: int | None, seed: int, ranks: int, all_baselines: bool, real: bool, lora: bool
+    out: str | None,
+    n_pairs: int | None,
+    seed: int,
+    ranks: int,
+    all_baselines: bool,
+    methods_option: str | None,
+    real: bool,
+    lora: bool,
 ) -> None:
     """The built-in job: synthetic policy shift, tiny old-policy model, TRACE vs naive DPO, report.
 
     With --real: SmolLM2-135M-Instruct and a natural-language policy shift judged by a rule judge, on the
-    CPU (about 20 minutes on 2 cores; docs/results.md)."""
+    CPU (TRACE alone about 15 minutes on 2 cores, with naive DPO 23; docs/results.md)."""
     from trace_ds.determinism import pin_cpu_numerics
     from trace_ds.pipeline import DEMO_CPU_NUMERICS, write_demo_config
 
-    methods = ["trace", "naive_dpo"] + (["no_impact", "no_kl", "no_triage"] if all_baselines else [])
+    default = "trace" if real else "trace,naive_dpo"
+    methods = [m.strip() for m in (methods_option or default).split(",") if m.strip()]
+    if all_baselines:
+        methods += [m for m in ("naive_dpo", "no_impact", "no_kl", "no_triage") if m not in methods]
     if lora and not real:
         raise TraceError("--lora applies to --real (the synthetic demo trains its tiny model in full)")
     if real:

@@ -169,6 +169,35 @@ def _check_sections(config: dict[str, Any], where: str) -> None:
                 "tokenize at the top level): remove it"
             )
         _known(given, _field_names(cls), section, where)
+    _check_lora(config["score"], config["train"], where)
+
+
+def _check_lora(score: dict[str, Any], train: dict[str, Any], where: str) -> None:
+    """LoRA is scored and trained together: the score stage saves the initial adapter that training starts
+    from, and the pipeline merges the trained adapter so that the eval stage loads a full model."""
+    from trace_ds.config import LoraConfig
+
+    lora = score.get("lora")
+    if (lora is not None) != bool(train.get("lora")):
+        raise TraceError(
+            f"{where}: LoRA needs both score.lora (the adapters, e.g. {{r: 16, alpha: 32}}) and train.lora: true, "
+            "or neither: training starts from the adapter that scoring saved"
+        )
+    if lora is None:
+        return
+    if not isinstance(lora, dict):
+        raise TraceError(
+            f"{where}: score.lora {lora!r}: a mapping of LoRA settings, e.g. {{r: 16, alpha: 32}}"
+        )
+    _known(lora, _field_names(LoraConfig), "score.lora", where)
+    if train.get("merge_lora") is False:
+        raise TraceError(
+            f"{where}: train.merge_lora false: the pipeline's eval stage loads the trained model as a full "
+            "model, so it merges the adapter (the adapter is kept too, in run/final/adapter); remove the key"
+        )
+    from trace_ds.pipeline_stages import lora_config
+
+    lora_config(lora)  # r, dropout and target_modules checked before anything runs
 
 
 def _check_launch(launch: dict[str, Any], where: str) -> None:

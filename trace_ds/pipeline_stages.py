@@ -292,12 +292,25 @@ def _old_orientation(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def lora_config(mapping: dict[str, Any]) -> Any:
+    """``score: {lora: {r: ..., alpha: ...}}`` as the LoraConfig that scoring takes (YAML gives a list of
+    target modules; the frozen dataclass keeps a tuple)."""
+    from trace_ds.config import LoraConfig
+
+    fields = dict(mapping)
+    if "target_modules" in fields:
+        fields["target_modules"] = tuple(fields["target_modules"])
+    return LoraConfig(**fields)
+
+
 def _score(settings: dict[str, Any], config: dict[str, Any], data_stage: str = "triage") -> Any:
     def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
         from trace_ds.config import ScoreConfig
         from trace_ds.scoring.scorer import run_score
 
         options = {k: v for k, v in settings.items() if k not in ("tokenize", "deepspeed")}
+        if options.get("lora") is not None:  # the config's mapping, checked by pipeline_config._check_lora
+            options["lora"] = lora_config(options["lora"])
         if "score" in inputs:  # reuse the main probe (a baseline's data has no categories to build one from)
             options["probe"] = _paths(inputs["score"])["probe"][0]
             options.pop("probe_size", None)
@@ -333,6 +346,8 @@ def _train(method: str, settings: dict[str, Any], config: dict[str, Any]) -> Any
             options.update(relational="dpo", alpha_kl=0.0)
         if method in ("no_kl", "no_triage"):
             options["alpha_kl"] = 0.0
+        if options.get("lora"):
+            options["merge_lora"] = True  # the eval stage loads run/final as a full model
         if method == "trace_rescore":
             options["rescore_every"] = options.get("rescore_every") or DEFAULT_RESCORE_EVERY
         else:

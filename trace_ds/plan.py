@@ -212,7 +212,9 @@ def plan(shape: ModelShape, settings: PlanSettings) -> dict[str, Any]:
     # Adam's two moments and DeepSpeed's fp32 partition of the trainable weights (a copy even in fp32)
     optimizer = trainable * 12 // split
     optimizer_device = 0 if settings.offloads("offload_optimizer") else optimizer
-    probe = trainable * 4 // (world if zero3 else 1)  # G in fp32
+    # G in fp32: the probe pass accumulates it in fp32 whatever --g-dtype, so that is the peak; --g-dtype model
+    # (and the Triton kernel) then casts it, tensor by tensor, to the model dtype for the scoring passes
+    probe = trainable * 4 // (world if zero3 else 1)
     # one tensor's G gathered (or reduced) at a time: the embedding's whole (lm_head's goes one vocabulary
     # tile at a time with the chunked head, but the embedding path still reads all of its G)
     probe_transient = shape.largest_param * 4 * 2

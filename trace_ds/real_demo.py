@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trace_ds.io import TraceError, read_json, write_json, write_text
+from trace_ds.io import read_json, write_json, write_text
 from trace_ds.memory import REPORT_ENV
 
 REAL_CONFIG = """\
@@ -78,8 +78,6 @@ def prepare_real_demo(
     from trace_ds.engine import CPU_ZERO3_CONFIG
     from trace_ds.real_model import prepare_smollm2
 
-    if lora:
-        _check_lora_support()
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "model"
@@ -92,7 +90,7 @@ def prepare_real_demo(
     score, train = dict(SCORE), dict(TRAIN)
     if lora:
         score["lora"] = dict(LORA)
-        train.update(lora=True, lr=LORA_LR)
+        train.update(lora=True, lr=LORA_LR)  # the pipeline merges it for eval
     path = folder / ("real_lora.yaml" if lora else "real.yaml")
     text = REAL_CONFIG.format(
         config=path,
@@ -130,22 +128,6 @@ def ensure_scenario(folder: Path, arguments: dict[str, Any]) -> dict[str, Any]:
         if same and all((folder / name).is_file() for name in FILES.values()):
             return manifest
     return build_scenario(folder, **arguments)
-
-
-def _check_lora_support() -> None:
-    """`score.lora` in a `trace-ds run` config arrives at the score stage as a mapping; the stage passes it to
-    ScoreConfig unchanged, which needs a LoraConfig (trace_ds/pipeline_stages.py `_score`). Until the stage
-    converts it, LoRA through the pipeline fails inside the distributed launch: refuse here, with the way out."""
-    import inspect
-
-    from trace_ds import pipeline_stages
-
-    if "LoraConfig" not in inspect.getsource(pipeline_stages._score):
-        raise TraceError(
-            "--lora: the pipeline's score stage does not yet turn `score: {lora: {r: ..., alpha: ...}}` into a "
-            "LoraConfig (trace_ds/pipeline_stages.py, _score), so LoRA runs only through the stage commands "
-            "(`trace-ds score --lora ...`, `trace-ds train --lora ...`); run without --lora"
-        )
 
 
 def start_memory_report(folder: Path, name: str = "memory.jsonl") -> Path:

@@ -109,7 +109,8 @@ class ProbeGradient:
         Triton kernel's tl.dot takes equal operand types) or ``--g-dtype model`` asks for it (half the bytes
         kept and, under ZeRO-3, gathered)."""
         if dtype != torch.float32:
-            self.tensors = {key: tensor.to(dtype) for key, tensor in self.tensors.items()}
+            for key in list(self.tensors):  # one tensor at a time: never a whole second copy of G
+                self.tensors[key] = self.tensors[key].to(dtype)
 
     def scale_(self, factor: float) -> None:
         for tensor in self.tensors.values():
