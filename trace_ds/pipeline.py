@@ -66,6 +66,10 @@ class Pipeline:
                 "inputs": {name: by_name[name].key for name in stage.inputs},
                 "version": __version__,
             }
+            if stage.name.startswith("eval"):
+                from trace_ds.evaluate.run import judge_versions
+
+                payload["judges"] = judge_versions()
             stage.key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
                 :12
             ]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from trace_ds.config import DEFAULT_VOCAB_TILE
+from trace_ds.console import progress
 from trace_ds.data.batching import collate_pairs, left_padded, text_batch
 from trace_ds.data.pairs import Pair
 from trace_ds.data.tokenize import TokenizeConfig, encode_prompt, tokenize_pair
@@ -106,32 +107,37 @@ def generate(
     mine: list[tuple[int, str]] = []
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed + strategy.rank)
+    chunks = strategy.shard(indexed, batch_size)
     try:
-        for chunk in strategy.shard(indexed, batch_size):
-            live = chunk is not None
-            chunk = chunk if live else indexed[:1]
-            input_ids, mask = left_padded([encode_prompt(tokenizer, text) for _, text in chunk], pad, device)
-            width = input_ids.shape[1]
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=sample,
-                    temperature=temperature if sample else None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=pad,
-                    eos_token_id=tokenizer.eos_token_id,
-                    synced_gpus=strategy.world_size > 1,
-                    **forward_settings(model),
+        with progress("generating", len(chunks), unit="batch", visible=strategy.is_main) as bar:
+            for chunk in chunks:
+                live = chunk is not None
+                chunk = chunk if live else indexed[:1]
+                input_ids, mask = left_padded(
+                    [encode_prompt(tokenizer, text) for _, text in chunk], pad, device
                 )
-            if live:
-                rows = out[:, width:].tolist()
-                mine += [
-                    (i, cut_turn(tokenizer.decode(row, skip_special_tokens=True)))
-                    for (i, _), row in zip(chunk, rows, strict=True)
-                ]
+                width = input_ids.shape[1]
+                with torch.no_grad():
+                    out = model.generate(
+                        input_ids=input_ids,
+                        attention_mask=mask,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=sample,
+                        temperature=temperature if sample else None,
+                        top_p=None,
+                        top_k=None,
+                        pad_token_id=pad,
+                        eos_token_id=tokenizer.eos_token_id,
+                        synced_gpus=strategy.world_size > 1,
+                        **forward_settings(model),
+                    )
+                if live:
+                    rows = out[:, width:].tolist()
+                    mine += [
+                        (i, cut_turn(tokenizer.decode(row, skip_special_tokens=True)))
+                        for (i, _), row in zip(chunk, rows, strict=True)
+                    ]
+                bar.advance()
     finally:
         torch.random.set_rng_state(generator_state)
     texts = dict(item for part in strategy.all_gather_object(mine) for item in part)

@@ -66,6 +66,16 @@ def _markers() -> tuple[dict[str, str], dict[str, str]]:
     )
 
 
+def judge_versions() -> dict[str, int]:
+    """Each rule judge's version: part of the evaluation stages' cache keys, so a changed rule re-judges."""
+    from trace_ds.synth import judge, real_scenario
+
+    return {
+        judge.JUDGE_NAME: getattr(judge, "JUDGE_VERSION", 1),
+        real_scenario.JUDGE_NAME: real_scenario.JUDGE_VERSION,
+    }
+
+
 def rule_judge(name: str) -> Callable[[Any, str], bool]:
     """The ``violates(prompt, response)`` function of the rule judge called ``name``."""
     from trace_ds.synth import judge, real_scenario
