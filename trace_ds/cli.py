@@ -1097,7 +1097,7 @@ def demo(
     """The built-in job: synthetic policy shift, tiny old-policy model, TRACE vs naive DPO, report.
 
     With --real: SmolLM2-135M-Instruct and a natural-language policy shift judged by a rule judge, on the
-    CPU (TRACE alone about 15 minutes on 2 cores, with naive DPO 23; docs/results.md)."""
+    CPU (TRACE alone 12 minutes on 2 idle cores, with naive DPO 23; docs/results.md)."""
     from trace_ds.determinism import pin_cpu_numerics
     from trace_ds.pipeline import DEMO_CPU_NUMERICS, write_demo_config
 

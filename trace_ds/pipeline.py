@@ -58,7 +58,12 @@ class Pipeline:
         return plan_stages(self.config)
 
     def _assign_keys(self) -> None:
+        from trace_ds.evaluate.run import judge_versions
+
         by_name = {stage.name: stage for stage in self.stages}
+        judges = (
+            judge_versions()
+        )  # an evaluation's verdicts depend on the rule judges' code, not only its inputs
         for stage in self.stages:
             payload = {
                 "name": stage.name,
@@ -67,9 +72,7 @@ class Pipeline:
                 "version": __version__,
             }
             if stage.name.startswith("eval"):
-                from trace_ds.evaluate.run import judge_versions
-
-                payload["judges"] = judge_versions()
+                payload["judges"] = judges
             stage.key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
                 :12
             ]
