@@ -45,13 +45,8 @@ DEFAULT_PROPORTIONS: dict[str, float] = {"inversion": 0.35, "suppression": 0.25,
 EVAL_CORE_FRACTION = 0.25  # share of each topic's (template, primary filler) combinations held out for eval
 # The project's plain chat format (trace_ds.data.tokenize), one document per prompt/response.
 CHAT_FORMAT = f"{PLAIN_ROLES['user']}: {{prompt}}\n{PLAIN_GENERATION_PROMPT} {{response}}\n\n"
-FILES: dict[str, str] = {
-    "pairs": "pairs.jsonl",
-    "verdicts": "verdicts.jsonl",
-    "truth": "truth.jsonl",
-    "old_policy": "old_policy.md",
-    "new_policy": "new_policy.md",
-    "corpus": "corpus.txt",
+# The evaluation folder's files (docs/formats.md, "Evaluation folder"), shared by every generator that writes one.
+EVAL_FILES: dict[str, str] = {
     "eval_prompts": "eval/prompts.jsonl",
     "eval_pairs": "eval/pairs.jsonl",
     "eval_verdicts": "eval/verdicts.jsonl",
@@ -60,6 +55,15 @@ FILES: dict[str, str] = {
     "eval_general_stable": "eval/general_stable.txt",
     "eval_general_shifted": "eval/general_shifted.txt",
     "eval_manifest": "eval/manifest.json",
+}
+FILES: dict[str, str] = {
+    "pairs": "pairs.jsonl",
+    "verdicts": "verdicts.jsonl",
+    "truth": "truth.jsonl",
+    "old_policy": "old_policy.md",
+    "new_policy": "new_policy.md",
+    "corpus": "corpus.txt",
+    **EVAL_FILES,
     "manifest": "manifest.json",
 }
 

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import TraceError, write_json, write_jsonl, write_text
-from .generator import eval_prompt_records, exact_counts
+from .generator import EVAL_FILES, eval_prompt_records, exact_counts
 
 FORMAT = "trace-ds-real-scenario"
 FORMAT_VERSION = 1
@@ -89,14 +89,7 @@ FILES: dict[str, str] = {
     "truth": "truth.jsonl",
     "old_policy": "old_policy.md",
     "new_policy": "new_policy.md",
-    "eval_prompts": "eval/prompts.jsonl",
-    "eval_pairs": "eval/pairs.jsonl",
-    "eval_verdicts": "eval/verdicts.jsonl",
-    "eval_truth": "eval/truth.jsonl",
-    "eval_general": "eval/general.txt",
-    "eval_general_stable": "eval/general_stable.txt",
-    "eval_general_shifted": "eval/general_shifted.txt",
-    "eval_manifest": "eval/manifest.json",
+    **EVAL_FILES,
     "manifest": "manifest.json",
 }
 STYLES: tuple[str, ...] = ("direct", "referral", "hedge", "refusal", "deflection")
