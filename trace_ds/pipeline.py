@@ -61,9 +61,8 @@ class Pipeline:
         from trace_ds.evaluate.run import judge_versions
 
         by_name = {stage.name: stage for stage in self.stages}
-        judges = (
-            judge_versions()
-        )  # an evaluation's verdicts depend on the rule judges' code, not only its inputs
+        # an evaluation's verdicts depend on the rule judges' code, not only on its inputs
+        judges = judge_versions()
         for stage in self.stages:
             payload = {
                 "name": stage.name,

@@ -66,24 +66,24 @@ def _markers() -> tuple[dict[str, str], dict[str, str]]:
     )
 
 
-def judge_versions() -> dict[str, int]:
-    """Each rule judge's version: part of the evaluation stages' cache keys, so a changed rule re-judges."""
+def _rule_judges() -> dict[str, Any]:
+    """Every rule judge's module (``JUDGE_NAME``, ``JUDGE_VERSION``, ``violates``), by judge name."""
     from trace_ds.synth import judge, real_scenario
 
-    return {
-        judge.JUDGE_NAME: getattr(judge, "JUDGE_VERSION", 1),
-        real_scenario.JUDGE_NAME: real_scenario.JUDGE_VERSION,
-    }
+    return {module.JUDGE_NAME: module for module in (judge, real_scenario)}
+
+
+def judge_versions() -> dict[str, int]:
+    """Each rule judge's version: part of the evaluation stages' cache keys, so a changed rule re-judges."""
+    return {name: module.JUDGE_VERSION for name, module in _rule_judges().items()}
 
 
 def rule_judge(name: str) -> Callable[[Any, str], bool]:
     """The ``violates(prompt, response)`` function of the rule judge called ``name``."""
-    from trace_ds.synth import judge, real_scenario
-
-    judges = {judge.JUDGE_NAME: judge.violates, real_scenario.JUDGE_NAME: real_scenario.violates}
+    judges = _rule_judges()
     if name not in judges:
         raise TraceError(f"no rule judge called {name!r}; known: {', '.join(sorted(judges))}")
-    return judges[name]
+    return judges[name].violates
 
 
 def tpa_judge_for(folder: str | Path) -> TpaJudge:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from .policies import STYLE_FLAGS, TOPICS, Flags, rule_for
 
 JUDGE_NAME = "synth-rule"
+JUDGE_VERSION = 1  # bumped whenever the rule changes: cached evaluations are keyed on it
 MIN_CONTENT_WORDS = 3
 REFUSAL_MARKERS: tuple[str, ...] = (
     "i'm sorry",
