@@ -50,7 +50,15 @@ def test_zero_arithmetic(tmp_path: Path) -> None:
     assert training(ranks_per_node=2, offload=True)["optimizer"] == 0
     assert training(ranks_per_node=2, zero=2)["parameters"] == shape.params * 2  # ZeRO-2: whole weights
     offloaded = training(ranks_per_node=2, offload_reference=True)["reference"]
-    assert offloaded < two["reference"] and offloaded == two["gathered_parameters"]
+    # the training engine, whose optimizer steps complete DeepSpeed's trace, keeps the whole (small) model
+    # gathered; the reference, forwards only, one module at a time; scoring, which never steps, two at once
+    assert two["gathered_parameters"] == shape.params * 2
+    assert offloaded < two["reference"] and offloaded == shape.largest_param * 2
+    scoring = plan(shape, PlanSettings(ranks_per_node=2, micro_batch=2, seq_len=64))["checkpointing"][
+        "scoring"
+    ]
+    assert scoring["gathered_parameters"] == 2 * shape.largest_param * 2 < two["gathered_parameters"]
+    assert training(ranks_per_node=2, zero=2)["gathered_parameters"] == 0
     full = plan(shape, PlanSettings(micro_batch=2, seq_len=64))
     assert (
         full["checkpointing"]["training"]["activations"] < full["no_checkpointing"]["training"]["activations"]

@@ -187,13 +187,24 @@ def _reference_head(shape: ModelShape, settings: PlanSettings) -> int:
 
 
 def _gathered(shape: ModelShape, settings: PlanSettings) -> int:
-    """Elements of parameters gathered at once under ZeRO-3: DeepSpeed keeps up to max_live_parameters
-    fetched (and reuses them within max_reuse_distance), never less than the biggest layer or tensor."""
+    """Elements of parameters gathered at once by the training engine under ZeRO-3. Its optimizer steps end
+    DeepSpeed's trace of the module calls; once a trace is complete DeepSpeed keeps a parameter gathered until
+    no reuse is due within max_reuse_distance (default 1e9 elements): up to max_live_parameters (+ the
+    prefetch bucket), never less than the biggest layer or tensor. Measured on the CPU: the whole 63M model."""
     live = settings.zero_knob("stage3_max_live_parameters") + settings.zero_knob(
         "stage3_prefetch_bucket_size"
     )
     floor = max(shape.layer_params, shape.largest_param)
     return int(min(shape.params, max(live, floor)))
+
+
+def _gathered_untraced(shape: ModelShape, together: int) -> int:
+    """Elements gathered at once by an engine that never steps an optimizer (scoring, the training's
+    reference): DeepSpeed's trace never completes there, so it releases each module's parameters right after
+    the module's forward or backward, and the working set is a module or two, not the model. Measured on the
+    CPU (2 ranks, 16-layer 63M model, ZeRO-3): scoring held the embedding and the lm_head at once (``together``
+    = 2), the reference one tensor (``together`` = 1), whether or not checkpointing recomputes the layers."""
+    return int(min(shape.params, together * shape.largest_param))
 
 
 def plan(shape: ModelShape, settings: PlanSettings) -> dict[str, Any]:
@@ -206,6 +217,7 @@ def plan(shape: ModelShape, settings: PlanSettings) -> dict[str, Any]:
     param_split = world if zero3 else 1
     params = shape.params * b // param_split
     gathered = _gathered(shape, settings) * b if zero3 else 0
+    scoring_gathered = _gathered_untraced(shape, 2) * b if zero3 else 0
     params_device = 0 if (zero3 and settings.offloads("offload_param")) else params
     grads = trainable * b // (world if settings.zero >= 2 else 1)
     bucket = int(min(settings.zero_knob("reduce_bucket_size"), trainable)) * b if settings.zero >= 2 else 0
@@ -225,10 +237,11 @@ def plan(shape: ModelShape, settings: PlanSettings) -> dict[str, Any]:
         vocab_rows = max(min(settings.vocab_tile, shape.vocab), min(tokens, shape.vocab)) * shape.hidden
         probe_transient = max(shape.largest_piece, vocab_rows) * 4 * 2
     # LoRA: the base model with adapters off is the reference, no copy. Under ZeRO-3 the reference engine
-    # has its own parameter coordinator, so it also keeps a working set of gathered parameters.
+    # has its own parameter coordinator, which only runs forwards: it gathers one module at a time.
     has_reference = not shape.lora_params
     reference_partitions = 0 if (zero3 and settings.offload_reference) else params_device
-    reference = (reference_partitions + gathered) if has_reference else 0
+    reference_gathered = _gathered_untraced(shape, 1) * b if zero3 else 0
+    reference = (reference_partitions + reference_gathered) if has_reference else 0
 
     result: dict[str, Any] = {
         "model": shape.name,
@@ -249,7 +262,7 @@ def plan(shape: ModelShape, settings: PlanSettings) -> dict[str, Any]:
         tag = "checkpointing" if checkpointing else "no_checkpointing"
         scoring = {
             "parameters": params_device,
-            "gathered_parameters": gathered,
+            "gathered_parameters": scoring_gathered,
             "probe_gradient": probe,
             "probe_transient": probe_transient,
             "activations": activations,
