@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -54,10 +55,17 @@ def done_times(pipeline: Pipeline) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_pipeline_runs_caches_and_reruns_only_what_changed(tmp_path: Path) -> None:
+def test_pipeline_runs_caches_and_reruns_only_what_changed(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     config = write_config(tmp_path)
     result = CliRunner().invoke(main, ["run", str(config)])
     assert result.exit_code == 0, result.output
+    launch_output = capfd.readouterr().err  # the distributed launch's ranks write to this process's stderr
+    for stage in ("score", "train_trace", "train_naive_dpo"):  # each rank's resident set after each stage
+        assert re.search(
+            rf"rank 0: resident [\d,]+ MiB after {stage}, [\d,]+ MiB once released", launch_output
+        )
     first = Pipeline(load_config(config), str(config))
     assert all(stage.done() for stage in first.stages)
     report = next(s for s in first.stages if s.name == "report").directory

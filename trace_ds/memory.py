@@ -92,3 +92,24 @@ class MemoryMeter:
 
 def report_path() -> str | None:
     return os.environ.get(REPORT_ENV) or None
+
+
+def release_host_memory() -> tuple[int, int]:
+    """Collect garbage and hand freed heap pages back to the system (glibc's ``malloc_trim``; CUDA's cache
+    too): the stages of one launch run one after another in the same processes, and without this a later
+    stage starts from what the earlier ones freed but the allocator kept. Returns the resident set (bytes)
+    before and after."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    before = host_rss()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name)
+        if hasattr(libc, "malloc_trim"):  # glibc only (musl has none)
+            libc.malloc_trim(0)
+    return before, host_rss()

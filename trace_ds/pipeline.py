@@ -107,6 +107,8 @@ class Pipeline:
             started = time.perf_counter()
             stage.directory.mkdir(parents=True, exist_ok=True)
             result = stage.run(stage.directory, self.dirs(stage)) or {}
+            if phase == "distributed":
+                _release_after(stage.name)
             if is_main:
                 write_json(
                     stage.directory / "done.json",
@@ -145,6 +147,18 @@ class Pipeline:
                 s.name: {"key": s.key, "dir": str(s.directory), "done": s.done()} for s in self.stages
             },
         }
+
+
+def _release_after(stage: str) -> None:
+    """Between the stages of one launch: give back what the finished stage freed, and log the resident set."""
+    from trace_ds.memory import MIB, release_host_memory
+
+    before, after = release_host_memory()
+    console.print(
+        f"rank {os.environ.get('RANK', '0')}: resident {before / MIB:,.0f} MiB after {stage}, "
+        f"{after / MIB:,.0f} MiB once released",
+        soft_wrap=True,
+    )
 
 
 def _has_cuda() -> bool:
