@@ -972,6 +972,12 @@ def bench_train(n_pairs: int, arms: str, out: str | None, **settings: Any) -> No
     help="Also with gradient checkpointing.",
 )
 @click.option("--lora", is_flag=True, help="Only the plan rows, with LoRA adapters (scoring and training).")
+@click.option(
+    "--reduce-bucket-size",
+    type=float,
+    default=None,
+    help="DeepSpeed's reduce_bucket_size (elements) for every launch and its plan row. Default: DeepSpeed's.",
+)
 @click.option("--workdir", default="runs/bench_memory", show_default=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
 def bench_memory(layers: str, zero: str, out: str | None, **settings: Any) -> None:

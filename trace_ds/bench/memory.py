@@ -155,6 +155,7 @@ def measure_stages(
     steps: int = 2,
     lora: bool = False,
     vocab_tile: int | None = None,
+    zero_overrides: dict[str, float] | None = None,
 ) -> dict[str, list[float]]:
     """Run `trace-ds score` and `trace-ds train` (``steps`` optimizer steps) with a memory report; returns
     the per-rank peak growth (MiB) of each recorded segment, e.g. ``score:end`` and ``train:steps``."""
@@ -172,7 +173,9 @@ def measure_stages(
     triaged = workdir / "triaged.jsonl"
     write_jsonl(triaged, pairs)
     ds_config = workdir / f"ds_zero{zero}.json"
-    write_json(ds_config, cpu_ds_config(zero))
+    config = cpu_ds_config(zero)
+    config["zero_optimization"] = {**config["zero_optimization"], **(zero_overrides or {})}
+    write_json(ds_config, config)
     report = workdir / "memory.jsonl"
     report.unlink(missing_ok=True)
     caps = ["--max-length", str(seq_len), "--max-prompt-length", str(seq_len // 2)]
@@ -203,14 +206,16 @@ def planned_mib(
     seq_len: int,
     checkpointing: bool,
     lora: bool = False,
+    zero_overrides: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """`trace-ds plan`'s scoring and training totals (MiB per rank) for the measured launch: fp32 on the CPU."""
     from trace_ds.config import LoraConfig
     from trace_ds.plan import PlanSettings, model_shape, plan
 
     settings = PlanSettings(
-        ranks_per_node=ranks, zero=zero, micro_batch=micro_batch, seq_len=seq_len, dtype="float32"
-    )
+        ranks_per_node=ranks, zero=zero, micro_batch=micro_batch, seq_len=seq_len, dtype="float32",
+        ds_config={"zero_optimization": dict(zero_overrides or {})},
+    )  # fmt: skip
     shape = model_shape(model_dir, LoraConfig() if lora else None)
     result = plan(shape, settings)["checkpointing" if checkpointing else "no_checkpointing"]
     return {stage: result[stage]["total"] / MIB for stage in ("scoring", "training")}
@@ -225,10 +230,14 @@ def compare_plan(
     seq_len: int,
     checkpointing: bool = False,
     lora: bool = False,
+    zero_overrides: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Measured peak (the larger rank) against the plan, for scoring and for the training steps."""
-    measured = measure_stages(model_dir, workdir, zero, ranks, micro_batch, seq_len, checkpointing, lora=lora)
-    planned = planned_mib(model_dir, zero, ranks, micro_batch, seq_len, checkpointing, lora)
+    measured = measure_stages(
+        model_dir, workdir, zero, ranks, micro_batch, seq_len, checkpointing, lora=lora,
+        zero_overrides=zero_overrides,
+    )  # fmt: skip
+    planned = planned_mib(model_dir, zero, ranks, micro_batch, seq_len, checkpointing, lora, zero_overrides)
     rows = []
     for stage, segment in (("scoring", "score:end"), ("training", "train:steps")):
         peak = max(measured[segment])
@@ -246,6 +255,8 @@ def run_memory_benchmark(settings: dict[str, Any], out: str | None = None) -> di
     """Loading peaks (both loaders) and plan-vs-measured rows for every model depth x ZeRO stage."""
     workdir = Path(settings["workdir"])
     report: dict[str, Any] = {"settings": settings, "load": [], "plan": []}
+    bucket = settings.get("reduce_bucket_size")
+    overrides = {"reduce_bucket_size": bucket} if bucket else None
     for layers in settings["layers"]:
         model_dir = workdir / "models" / f"layers{layers}"
         if not (model_dir / "model.safetensors").exists():
@@ -256,17 +267,17 @@ def run_memory_benchmark(settings: dict[str, Any], out: str | None = None) -> di
                 model_dir, settings["vocab"], hidden_size=settings["hidden"], num_layers=layers, num_heads=heads,
                 num_kv_heads=heads, intermediate_size=3 * settings["hidden"], seed=0,
             )  # fmt: skip
-        if not settings.get("lora"):  # --lora: only the LoRA rows (loading does not depend on it)
+        if not settings.get("lora") and not overrides:  # only the plan rows: loading does not depend on them
             load = run_load_benchmark(
                 str(model_dir), workdir / f"load{layers}", settings["ranks"], _zero3_config(workdir)
             )
             report["load"].append({"layers": layers, **load})
         for zero in settings["zero"]:
             for checkpointing in [False, True] if settings["checkpointing"] else [False]:
-                tag = f"layers{layers}_zero{zero}{'_ckpt' if checkpointing else ''}{'_lora' if settings.get('lora') else ''}"
+                tag = f"layers{layers}_zero{zero}{'_ckpt' if checkpointing else ''}{'_lora' if settings.get('lora') else ''}{f'_bucket{bucket:g}' if bucket else ''}"
                 report["plan"] += compare_plan(
                     str(model_dir), workdir / tag, zero, settings["ranks"], settings["micro_batch"],
-                    settings["seq_len"], checkpointing, bool(settings.get("lora")),
+                    settings["seq_len"], checkpointing, bool(settings.get("lora")), overrides,
                 )  # fmt: skip
     if out:
         write_json(out, report)
