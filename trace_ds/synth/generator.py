@@ -56,16 +56,15 @@ EVAL_FILES: dict[str, str] = {
     "eval_general_shifted": "eval/general_shifted.txt",
     "eval_manifest": "eval/manifest.json",
 }
-FILES: dict[str, str] = {
+# The pairs, the judge's verdicts, the ground truth and both policies: every generator writes these first.
+DATASET_FILES: dict[str, str] = {
     "pairs": "pairs.jsonl",
     "verdicts": "verdicts.jsonl",
     "truth": "truth.jsonl",
     "old_policy": "old_policy.md",
     "new_policy": "new_policy.md",
-    "corpus": "corpus.txt",
-    **EVAL_FILES,
-    "manifest": "manifest.json",
 }
+FILES: dict[str, str] = {**DATASET_FILES, "corpus": "corpus.txt", **EVAL_FILES, "manifest": "manifest.json"}
 
 
 @dataclass(frozen=True)

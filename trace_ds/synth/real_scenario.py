@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import TraceError, write_json, write_jsonl, write_text
-from .generator import EVAL_FILES, eval_prompt_records, exact_counts
+from .generator import DATASET_FILES, EVAL_FILES, eval_prompt_records, exact_counts
 
 FORMAT = "trace-ds-real-scenario"
 FORMAT_VERSION = 1
@@ -83,15 +83,7 @@ CATEGORIES: tuple[str, ...] = ("inversion", "suppression", "retention")
 DEFAULT_PROPORTIONS: dict[str, float] = {"inversion": 0.35, "suppression": 0.2, "retention": 0.45}
 EVAL_COMBO_FRACTION = 1 / 3  # share of each topic's (template, item) combinations held out for evaluation
 MIN_WORDS = 3
-FILES: dict[str, str] = {
-    "pairs": "pairs.jsonl",
-    "verdicts": "verdicts.jsonl",
-    "truth": "truth.jsonl",
-    "old_policy": "old_policy.md",
-    "new_policy": "new_policy.md",
-    **EVAL_FILES,
-    "manifest": "manifest.json",
-}
+FILES: dict[str, str] = {**DATASET_FILES, **EVAL_FILES, "manifest": "manifest.json"}
 STYLES: tuple[str, ...] = ("direct", "referral", "hedge", "refusal", "deflection")
 # (category, shifted topic?) -> the (chosen, rejected) styles a pair may take
 PAIR_STYLES: dict[tuple[str, bool], tuple[tuple[str, str], ...]] = {
