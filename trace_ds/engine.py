@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import json
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,6 +26,9 @@ from trace_ds.memory import MemoryMeter, report_path
 from trace_ds.scoring.ghost import ProbeGradient
 
 DS_DTYPE_KEYS = {"bfloat16": "bf16", "float16": "fp16"}
+# Every DeepSpeed engine this process made, held weakly: after a stage's release none should be left
+# (live_engines; the pipeline logs it after each stage and its test asserts it).
+_ENGINES_MADE: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 DEFAULT_TRAIN_CONFIG: dict[str, Any] = {
@@ -198,17 +202,11 @@ class Strategy:
         Returns the module to call."""
         if self.zero_stage != 3:
             return model.to(self.device)
-        import deepspeed
-
-        engine, *_ = deepspeed.initialize(model=model, config=self.ds_config)
-        self._engines.append(engine)
-        return engine.module
+        return self._initialize(model=model, config=self.ds_config).module
 
     def prepare_train(self, model: nn.Module, optimizer: Any, scheduler: Any) -> Any:
         """The training engine: ZeRO stage, precision, accumulation and clipping from the config. A config
         without an "optimizer" section trains with the given torch optimizer (no compiled extension)."""
-        import deepspeed
-
         config = dict(self.ds_config or {})
         kwargs: dict[str, Any] = {"model": model, "config": config, "lr_scheduler": scheduler}
         if "optimizer" in config:
@@ -216,9 +214,7 @@ class Strategy:
         else:
             config.setdefault("zero_allow_untested_optimizer", True)
             kwargs["optimizer"] = optimizer
-        engine, *_ = deepspeed.initialize(**kwargs)
-        self._engines.append(engine)
-        return engine
+        return self._initialize(**kwargs)
 
     def reference_config(self, offload: bool = False) -> dict[str, Any]:
         """The reference engine's DeepSpeed config: no optimizer, and with ``offload`` its ZeRO-3 partitions
@@ -256,11 +252,16 @@ class Strategy:
         model.eval()
         if self.zero_stage != 3:
             return model.to(self.device)
+        return self._initialize(model=model, config=self.reference_config(offload)).module
+
+    def _initialize(self, **kwargs: Any) -> Any:
+        """``deepspeed.initialize``, the engine kept for its release at ``close``."""
         import deepspeed
 
-        engine, *_ = deepspeed.initialize(model=model, config=self.reference_config(offload))
+        engine, *_ = deepspeed.initialize(**kwargs)
         self._engines.append(engine)
-        return engine.module
+        _ENGINES_MADE.add(engine)
+        return engine
 
     def grad_norm(self, engine: Any) -> float | None:
         """The global gradient norm before clipping, where DeepSpeed does not report it (ZeRO off, fp32):
@@ -389,11 +390,12 @@ class Strategy:
         self._release_engines()
 
     def _release_engines(self) -> None:
-        """Let the stage's engines, models and optimizer state be freed. DeepSpeed keeps every ZeRO-3 model it
-        wraps in a module-level list (``parameter_offload.FWD_MODULE_STACK``, never popped), and the model's
-        hooks hold the engine, its optimizer and its reduce buffer: without this, each stage of a launch left
+        """Let the stage's engines, models and optimizer state be freed: each stage of a launch otherwise left
         its engines alive for the rest of the launch (measured: about 2 GB per rank after the real demo's
-        training)."""
+        training). Two DeepSpeed module-level holders keep a ZeRO-3 model, and through its hooks the engine,
+        optimizer and reduce buffer: the never-popped ``parameter_offload.FWD_MODULE_STACK``, and the
+        unbounded class-level ``lru_cache`` on ``PartitionedParameterCoordinator.__params_to_release``, keyed
+        by each traced submodule."""
         engines, self._engines = self._engines, []
         if not engines:
             return
@@ -403,6 +405,30 @@ class Strategy:
             engine.destroy()  # removes its hooks, its optimizer's hooks and buffers
             stack = parameter_offload.FWD_MODULE_STACK
             stack[:] = [module for module in stack if module is not engine.module]
+        _clear_params_to_release_cache()
+
+
+def _clear_params_to_release_cache() -> None:
+    """Empty DeepSpeed's class-level cache of which parameters to release after each submodule (it is only a
+    memo: a live engine recomputes an entry on its next step). The method is wrapped by ``instrument_w_nvtx``,
+    so the ``lru_cache`` is found in the wrapper's closure."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    method = getattr(
+        PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None
+    )
+    cells = getattr(method, "__closure__", None) or ()
+    for candidate in (method, *(cell.cell_contents for cell in cells)):
+        if hasattr(candidate, "cache_clear"):
+            candidate.cache_clear()
+
+
+def live_engines() -> int:
+    """How many DeepSpeed engines this process made are still alive (after a garbage collection)."""
+    import gc
+
+    gc.collect()
+    return len(_ENGINES_MADE)
 
 
 @contextlib.contextmanager

@@ -150,13 +150,16 @@ class Pipeline:
 
 
 def _release_after(stage: str) -> None:
-    """Between the stages of one launch: give back what the finished stage freed, and log the resident set."""
+    """Between the stages of one launch: give back what the finished stage freed, and log the resident set
+    and how many of its DeepSpeed engines are still alive (0 unless something keeps them: see
+    Strategy._release_engines)."""
+    from trace_ds.engine import live_engines
     from trace_ds.memory import MIB, release_host_memory
 
     before, after = release_host_memory()
     console.print(
         f"rank {os.environ.get('RANK', '0')}: resident {before / MIB:,.0f} MiB after {stage}, "
-        f"{after / MIB:,.0f} MiB once released",
+        f"{after / MIB:,.0f} MiB once released, {live_engines()} DeepSpeed engines alive",
         soft_wrap=True,
     )
 
