@@ -393,9 +393,9 @@ class Strategy:
         """Let the stage's engines, models and optimizer state be freed: each stage of a launch otherwise left
         its engines alive for the rest of the launch (measured: about 2 GB per rank after the real demo's
         training). Two DeepSpeed module-level holders keep a ZeRO-3 model, and through its hooks the engine,
-        optimizer and reduce buffer: the never-popped ``parameter_offload.FWD_MODULE_STACK``, and the
-        unbounded class-level ``lru_cache`` on ``PartitionedParameterCoordinator.__params_to_release``, keyed
-        by each traced submodule."""
+        optimizer and reduce buffer: the never-popped ``parameter_offload.FWD_MODULE_STACK`` (the model, and
+        under gradient checkpointing some of its submodules), and the unbounded class-level ``lru_cache`` on
+        ``PartitionedParameterCoordinator.__params_to_release``, keyed by each traced submodule."""
         engines, self._engines = self._engines, []
         if not engines:
             return
@@ -403,8 +403,11 @@ class Strategy:
 
         for engine in engines:
             engine.destroy()  # removes its hooks, its optimizer's hooks and buffers
+            # The model and its submodules: a checkpointed forward's recompute leaves submodules on the stack
+            # too, and their DeepSpeed hooks reach the engine and the whole model.
+            ours = {id(module) for module in engine.module.modules()}
             stack = parameter_offload.FWD_MODULE_STACK
-            stack[:] = [module for module in stack if module is not engine.module]
+            stack[:] = [module for module in stack if id(module) not in ours]
         _clear_params_to_release_cache()
 
 
