@@ -229,9 +229,11 @@ class _ChunkedLogp(torch.autograd.Function):
             z = _tile_logits(hidden, weight, bias, start, stop)
             p = torch.exp(transform(z).float() - lse[:, None])
             grad_y = -grad[:, None] * p
+            # + grad at each target inside this tile; rows whose target is elsewhere add 0 (no host sync, as
+            # selecting the rows would be: one per tile)
             inside = (targets >= start) & (targets < stop)
-            rows = torch.nonzero(inside).squeeze(-1)
-            grad_y.index_put_((rows, targets[rows] - start), grad[rows], accumulate=True)
+            local = (targets - start).clamp(0, stop - start - 1)[:, None]
+            grad_y.scatter_add_(1, local, torch.where(inside, grad, 0.0)[:, None])
             return _pre_transform_grad(z, transform, grad_y)
 
         grad_h, grad_w, grad_b = _weight_backward(
@@ -283,9 +285,10 @@ class _ChunkedKL(torch.autograd.Function):
                 sum_q = sum_q * rescale + qe.sum(-1)
                 cross = cross * rescale + torch.linalg.vecdot(qe, d)
                 # sum (Q - P) without cancelling: P expm1(d) where d is small, the difference where it is not
+                # (a select, not a masked assignment: that syncs with the host once per tile)
                 large = d.abs() >= 1
                 gap = torch.expm1(d).mul_(pe)
-                gap[large] = qe[large] - pe[large]
+                gap = torch.where(large, torch.sub(qe, pe, out=d), gap)
                 excess = excess * rescale + gap.sum(-1)
         lse_p, lse_q = top + torch.log(sum_p), top + torch.log(sum_q)  # fp64: p - q cancels in the backward
         ctx.save_for_backward(hidden, ref_hidden, lse_p, lse_q)
