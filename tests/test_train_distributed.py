@@ -93,6 +93,8 @@ def test_zero3_uneven_shards_do_not_hang_and_match_one_process(tiny_model_dir: P
         "--deepspeed",
         str(REPO / "ds_configs" / "cpu.json"),
         "--offload-reference",  # the reference's partitions in host memory: the same losses
+        "--vocab-tile",  # tiles of 100 (6, the last short) against one process's single tile: the head, the KL
+        "100",  # and the reference's weight gathered tile by tile under ZeRO-3 give the same losses
     )
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=540, start_new_session=True
