@@ -1,5 +1,5 @@
 """2-rank ZeRO-3 training with uneven shards, a category missing on one rank and the reference offloaded to
-host memory: no hang, the same losses as one process."""
+host memory, untied and tied embeddings: no hang, the same losses as one process."""
 
 from __future__ import annotations
 
@@ -45,10 +45,23 @@ def records() -> list[dict]:
     return out
 
 
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with lm_head tied to the embedding (one ZeRO-3 parameter read by both ends)."""
+    from trace_ds.tiny import build_tiny_pair, default_corpus
+
+    out = tmp_path_factory.mktemp("tied") / "model"
+    return build_tiny_pair(out, default_corpus(), vocab_size=512, tie_word_embeddings=True)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-def test_zero3_uneven_shards_do_not_hang_and_match_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_zero3_uneven_shards_do_not_hang_and_match_one_process(
+    tiny_model_dir: Path, tied_model_dir: Path, tmp_path: Path, tied: bool
+) -> None:
+    model = tied_model_dir if tied else tiny_model_dir
     triaged, scores = tmp_path / "triaged.jsonl", tmp_path / "scores.jsonl"
     write_jsonl(triaged, records())
     write_jsonl(
@@ -61,7 +74,7 @@ def test_zero3_uneven_shards_do_not_hang_and_match_one_process(tiny_model_dir: P
     )
     common = [
         "--model",
-        str(tiny_model_dir),
+        str(model),
         "--triaged",
         str(triaged),
         "--scores",
