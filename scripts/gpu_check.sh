@@ -13,8 +13,9 @@
 #                 on CUDA) against an fp64 per-pair autograd reference (tests/helpers.py): max error in cosine
 #                 units, Spearman rank correlation and sign agreement.
 #   c. scoring    `trace-ds bench scoring --arms floor,ghost` for --family llama and --family mixtral.
-#   d. train      `trace-ds bench train --arms trace-ds,trl` (the TRL arm is skipped, and the section says so,
-#                 when `import trl` fails: trl is the optional `bench` extra).
+#   d. train      `trace-ds bench train --arms trace-ds,trl` on the GPU (DS_ACCELERATOR=cuda: both arms, fp32,
+#                 torch AdamW, a live reference; tokens/s, step losses, peak CUDA memory per rank). The TRL arm is
+#                 skipped, and the section says so, when `import trl` fails: trl is the optional `bench` extra.
 #   e. memory     TRACE_DS_MEMORY_REPORT peaks of a short `trace-ds score` and `trace-ds train` next to
 #                 `trace-ds plan` for the same settings (trace_ds/bench/memory.py compare_plan).
 #
@@ -42,7 +43,7 @@
 #     zero_allow_untested_optimizer) and DeepSpeed never builds FusedAdam; none offloads (DeepSpeedCPUAdam) or
 #     quantizes ZeRO++ weights (QuantizerBuilder). Never point a section at ds_configs/recipe_*.json: their
 #     "optimizer" section builds FusedAdam (or CPUAdam with offload) on first use.
-#   - CPU only (--cpu-smoke, and the CPU-only benchmarks): DeepSpeed's CPU accelerator JIT-builds its
+#   - CPU only (--cpu-smoke): DeepSpeed's CPU accelerator JIT-builds its
 #     shared-memory allreduce op (deepspeed_shm_comm) when a process group starts; it is cached in
 #     $VENV/torch_extensions (as scripts/test.sh does), so only the first use in a venv pays for it.
 #
@@ -55,7 +56,7 @@
 #                        $GPU_CHECK_SECTION_TIMEOUT); still capped by --budget
 #   --only LIST          run only these sections, by letter or name (e.g. --only a,b or --only kernel)
 #   --keep-work          keep the scratch folder (models, logs, JSON reports) and print where it is
-# Environment overrides for the benchmark sizes of sections c (on the GPU) and d (CPU-only for now):
+# Environment overrides for the benchmark sizes of sections c and d (both on the GPU):
 #   GPU_CHECK_SCORING_ARGS="--layers 8 --hidden 2048 --vocab 32000 --tokens 512 ..."  (trace-ds bench scoring)
 #   GPU_CHECK_TRAIN_ARGS="..."                                                          (trace-ds bench train)
 set -euo pipefail
@@ -64,8 +65,8 @@ SCRIPT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[
 ROOT="$(cd "$(dirname "$SCRIPT")/.." && pwd)"
 cd "$ROOT"
 
-# Run order: the sections that measure the GPU first (a, b, e), then the benchmarks (c on the GPU, d on the CPU until bench train runs on CUDA), so that a
-# run cut short loses the least. The file lists them a to e whatever the order.
+# Run order: the measurements the benchmarks' tables build on first (a, b, e), then the benchmarks (c, d), so that
+# a run cut short loses the least. The file lists them a to e whatever the order.
 SECTIONS=(kernel exactness memory scoring train)
 declare -A LETTER=([kernel]=a [exactness]=b [scoring]=c [train]=d [memory]=e)
 declare -A TITLE=(
@@ -75,8 +76,8 @@ declare -A TITLE=(
   [train]="trace-ds bench train: trace-ds vs TRL"
   [memory]="Memory: measured peaks of trace-ds score and train vs trace-ds plan"
 )
-# GPU timeouts (s): 85 + 45 + 70 + 50 + 35 = 285 = the default budget.
-declare -A GPU_TIMEOUT=([kernel]=85 [exactness]=45 [memory]=70 [scoring]=50 [train]=35)
+# GPU timeouts (s): 80 + 40 + 70 + 50 + 45 = 285 = the default budget.
+declare -A GPU_TIMEOUT=([kernel]=80 [exactness]=40 [memory]=70 [scoring]=50 [train]=45)
 SMOKE_TIMEOUT=300
 MIN_SECTION_S=5
 
@@ -258,17 +259,6 @@ print(f"bf16 vs fp32 scores: Spearman rank correlation {spearman(results['bf16']
 PY
 }
 
-# The benchmark sizes of sections c and d, and why they are what they are.
-cpu_only_note() {  # $1: the benchmark, $2: where it decides
-  if [[ $GPU_CHECK_MODE == gpu ]]; then
-    echo "**Runs on the CPU, not the GPU.** \`$1\` measures CPU processes only ($2), so the figures below"
-    echo "are from this machine's CPU cores, at a CPU-sized model that fits the section's timeout. Until the"
-    echo "benchmark runs on CUDA there is no GPU figure here; then pass the GPU-sized arguments through"
-    echo "\$$3 (e.g. \`$4\`)."
-    echo
-  fi
-}
-
 section_scoring() {
   local size
   if [[ $GPU_CHECK_MODE == smoke ]]; then
@@ -308,11 +298,10 @@ section_train() {
   if [[ $GPU_CHECK_MODE == smoke ]]; then
     size=(--layers 1 --hidden 64 --vocab 512 --pairs 4 --tokens 32 --micro-batch 2 --steps 2 --threads 2)
   else
-    read -r -a size <<<"${GPU_CHECK_TRAIN_ARGS:---layers 4 --hidden 256 --vocab 8192 --pairs 32 --tokens 256 --micro-batch 8 --steps 4 --threads 16}"
+    # on the GPU (bench train runs on DeepSpeed's cuda accelerator, DS_ACCELERATOR=cuda exported above):
+    # 4 x 12.6 M + 2 x 32.8 M (untied embedding and lm_head) = 116 M parameters, fp32, a 32k vocabulary
+    read -r -a size <<<"${GPU_CHECK_TRAIN_ARGS:---layers 4 --hidden 1024 --vocab 32000 --pairs 48 --tokens 512 --micro-batch 8 --steps 5 --threads 16}"
   fi
-  cpu_only_note "trace-ds bench train" \
-    "trace_ds/bench/train.py: launch() starts every run with DS_ACCELERATOR=cpu and prepare_work writes fp32 CPU DeepSpeed configs (cpu_ds_config); memory is peak RSS; DeepSpeed's CPU accelerator JIT-builds its shm allreduce op on the first launch in a venv" \
-    GPU_CHECK_TRAIN_ARGS "--layers 8 --hidden 2048 --vocab 32000 --tokens 512"
   local arms=trace-ds,trl why
   if ! why="$("$PY" -c 'import trl' 2>&1)"; then
     arms=trace-ds

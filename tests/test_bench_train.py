@@ -44,6 +44,7 @@ def _check_run(row: dict[str, Any], arm: str, zero: int, ranks: int) -> None:
     assert len(row["peak_rss_mb_per_rank"]) == ranks and all(v > 0 for v in row["peak_rss_mb_per_rank"])
     assert len(row["losses"]) == TOY["steps"] and all(math.isfinite(v) for v in row["losses"])
     assert row["engine"].startswith("DeepSpeedEngine") and f"ZeRO-{zero}" in row["engine"]
+    assert row["device"] == "cpu" and row["peak_cuda_mb_per_rank"] == [None] * ranks  # no GPU here
 
 
 @pytest.mark.slow
@@ -59,6 +60,7 @@ def test_trace_ds_arm_and_memory_matrix(report: dict[str, Any]) -> None:
     table = markdown_tables(report)
     assert "| trace-ds | 1 | 0 | 1 | 2 |" in table
     assert "| | 2 | 1 |" in table
+    assert "peak CUDA MB" not in table and table.endswith("DeepSpeed accelerator of the runs: cpu.")
     assert Path(report["settings"]["workdir"], "ds_zero2.json").is_file()
 
 
@@ -75,3 +77,26 @@ def test_trl_arm_does_the_same_work(report: dict[str, Any]) -> None:
     assert len(report["comparison"]["per_run_ratios"]) == 1
     assert report["comparison"]["max_abs_loss_difference"] < 1e-4  # same DPO loss, optimizer and schedule
     assert "trace-ds / TRL tokens/s" in markdown_tables(report)
+
+
+def test_a_gpu_run_adds_its_cuda_peaks_to_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a GPU run's report (runs on DeepSpeed's cuda accelerator, CUDA peaks per rank) prints: measured
+    here on a hand-made report, since this machine has no GPU."""
+    from trace_ds.bench.train import accelerator
+
+    run = {
+        "arm": "trace-ds", "zero": 0, "ranks": 1, "device": "cuda", "timed_steps": 3, "tokens": 900,
+        "seconds": 1.5, "tokens_per_s": 600.0, "median_step_tokens_per_s": 610.0, "peak_rss_mb_per_rank": [2000.0],
+        "peak_rss_mb_before_steps_per_rank": [1900.0], "other_cpu_s": 0.1, "peak_cuda_mb_per_rank": [5120.4],
+        "peak_cuda_mb_before_steps_per_rank": [1024.0],
+    }  # fmt: skip
+    table = markdown_tables(
+        {"speed": [run], "speed_median": {"trace-ds": run}, "memory": [{**run, "ranks": 2}]}
+    )
+    assert "| peak CUDA MB per rank | peak CUDA MB before step 1 |" in table
+    assert "| 0.1 | 5120 | 1024 |" in table
+    assert table.endswith("DeepSpeed accelerator of the runs: cuda.")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the environment decides when set
+    assert accelerator() == "cpu"
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert accelerator() == "cpu"  # no GPU for torch here

@@ -15,8 +15,12 @@ trainers tokenise text differently (chat template, BOS handling), and tokenisati
 loop anyway. Every run is a fresh ``deepspeed --num_gpus R --module trace_ds.bench.train ARM SETTINGS``
 launch (so its peak RSS is its own); each rank writes its own figures: the wall time of optimizer steps
 2..N (step 1 is warm-up), the non-padding tokens of the chosen and rejected rows of those steps, its peak
-RSS at the end of training, and the per-step losses (compared between arms, so a fast wrong arm cannot win).
-A memory matrix then trains the trace-ds arm under ZeRO-2 and ZeRO-3 with 1 and 2 ranks.
+RSS at the end of training (and on a GPU its peak CUDA memory), and the per-step losses (compared between
+arms, so a fast wrong arm cannot win). A memory matrix then trains the trace-ds arm under ZeRO-2 and ZeRO-3
+with 1 and 2 ranks.
+
+The runs use DeepSpeed's CUDA accelerator when torch sees a GPU (one GPU per rank) and its CPU one otherwise;
+``DS_ACCELERATOR`` set in the environment decides instead. Both arms train in fp32 with torch's AdamW on either.
 """
 
 from __future__ import annotations
@@ -143,8 +147,23 @@ def _zero_stage(engine: Any) -> int | None:
     return int(stage()) if callable(stage) else None
 
 
+def _on_cuda() -> bool:
+    """Whether this rank trains on a GPU (launch sets DS_ACCELERATOR for every run)."""
+    import torch
+
+    return os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" and torch.cuda.is_available()
+
+
+def _peak_cuda_mib() -> float | None:
+    """This process's peak CUDA memory (allocated tensors), None on the CPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if _on_cuda() else None
+
+
 class _StepClock:
-    """Per-step end timestamps, local token counts and losses; the peak RSS when the last step ends."""
+    """Per-step end timestamps, local token counts and losses; the peak RSS (and on a GPU the peak CUDA memory)
+    when the last step ends. On a GPU each timestamp waits for the device, so a step's time is its kernels'."""
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
@@ -152,20 +171,33 @@ class _StepClock:
         self.losses: list[float] = []
         self.peak_rss_mb = 0.0
         self.rss_before_steps_mb = 0.0
+        self.peak_cuda_mb: float | None = None
+        self.cuda_before_steps_mb: float | None = None
         self.started = 0.0
         self.engine = ""
 
     def steps_begin(self) -> None:
         """Called once, just before the first step: the peak RSS of start-up (imports, models, engines)."""
         if not self.stamps and not self.rss_before_steps_mb:
+            self._sync()
             self.rss_before_steps_mb = lifetime_peak_rss_mib()
+            self.cuda_before_steps_mb = _peak_cuda_mib()
             self.started = time.perf_counter()
 
+    @staticmethod
+    def _sync() -> None:
+        if _on_cuda():
+            import torch
+
+            torch.cuda.synchronize()
+
     def step_done(self, tokens: int, loss: float) -> None:
+        self._sync()
         self.stamps.append(time.perf_counter())
         self.tokens.append(int(tokens))
         self.losses.append(float(loss))
         self.peak_rss_mb = lifetime_peak_rss_mib()
+        self.peak_cuda_mb = _peak_cuda_mib()
 
     def result(self) -> dict[str, Any]:
         timed = len(self.stamps) - 1
@@ -182,6 +214,8 @@ class _StepClock:
             "losses": self.losses,
             "peak_rss_mb": self.peak_rss_mb,
             "peak_rss_mb_before_steps": self.rss_before_steps_mb,
+            "peak_cuda_mb": self.peak_cuda_mb,
+            "peak_cuda_mb_before_steps": self.cuda_before_steps_mb,
             "engine": self.engine,
         }
 
@@ -393,7 +427,7 @@ def launch(
     ]  # fmt: skip
     threads = str(max(1, settings["threads"] // ranks))  # else accelerate picks its own for the TRL arm
     env = {
-        **os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+        **os.environ, "DS_ACCELERATOR": accelerator(), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
     }  # fmt: skip
     env.setdefault("TRACE_DS_DIST_TIMEOUT_S", "600")
@@ -425,6 +459,7 @@ def launch(
         "arm": arm,
         "zero": zero,
         "ranks": ranks,
+        "device": env["DS_ACCELERATOR"],
         "steps": per_rank[0]["steps"],
         "timed_steps": per_rank[0]["timed_steps"],
         "tokens": tokens,
@@ -433,6 +468,8 @@ def launch(
         "median_step_tokens_per_s": statistics.median(step_rates) if step_rates else None,
         "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
         "peak_rss_mb_before_steps_per_rank": [r["peak_rss_mb_before_steps"] for r in per_rank],
+        "peak_cuda_mb_per_rank": [r["peak_cuda_mb"] for r in per_rank],
+        "peak_cuda_mb_before_steps_per_rank": [r["peak_cuda_mb_before_steps"] for r in per_rank],
         "first_step_seconds": max(r["first_step_seconds"] for r in per_rank),
         "step_seconds": step_seconds,
         "losses": losses,
@@ -440,6 +477,13 @@ def launch(
         "process_seconds": max(r["process_seconds"] for r in per_rank),
         "other_cpu_s": other_cpu_s,
     }
+
+
+def accelerator() -> str:
+    """DeepSpeed's accelerator for the runs: ``DS_ACCELERATOR`` if set, else cuda where torch sees a GPU."""
+    import torch
+
+    return os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def versions() -> dict[str, str | None]:
@@ -541,11 +585,26 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 
 
 def markdown_tables(report: dict[str, Any]) -> str:
-    """The speed table (each run, the medians, the ratio, the loss agreement) and the memory table, if run."""
+    """The speed table (each run, the medians, the ratio, the loss agreement) and the memory table, if run.
+    Runs on a GPU add their peak CUDA memory per rank (allocated tensors, the whole run / before step 1)."""
+    rows = [*report["speed"], *(report.get("memory") or [])]
+    cuda = any(v is not None for row in rows for v in row.get("peak_cuda_mb_per_rank") or [])
+    cuda_head, cuda_rule = (
+        (" peak CUDA MB per rank | peak CUDA MB before step 1 |", "---|---|") if cuda else ("", "")
+    )
+
+    def cuda_cells(row: dict[str, Any]) -> str:
+        if not cuda:
+            return ""
+        return (
+            f" {_per_rank(row.get('peak_cuda_mb_per_rank') or [])} |"
+            f" {_per_rank(row.get('peak_cuda_mb_before_steps_per_rank') or [])} |"
+        )
+
     lines = [
         "| arm | run | ZeRO | ranks | timed steps | tokens | seconds | tokens/s | median-step tokens/s "
-        "| peak RSS MB per rank | peak RSS MB before step 1 | other CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| peak RSS MB per rank | peak RSS MB before step 1 | other CPU s |{cuda_head}",
+        f"|---|---|---|---|---|---|---|---|---|---|---|---|{cuda_rule}",
     ]
     for row in report["speed"]:
         lines.append(
@@ -553,11 +612,12 @@ def markdown_tables(report: dict[str, Any]) -> str:
             f"{row['tokens']} | {row['seconds']:.2f} | {_fmt(row['tokens_per_s'])} | "
             f"{_fmt(row['median_step_tokens_per_s'])} | {_per_rank(row['peak_rss_mb_per_rank'])} | "
             f"{_per_rank(row['peak_rss_mb_before_steps_per_rank'])} | {_fmt(row['other_cpu_s'], 1)} |"
+            + cuda_cells(row)
         )
     for arm, median in (report.get("speed_median") or {}).items():
         lines.append(
             f"| {arm} | median | | | | | | {_fmt(median['tokens_per_s'])} | "
-            f"{_fmt(median['median_step_tokens_per_s'])} | | | |"
+            f"{_fmt(median['median_step_tokens_per_s'])} | | | |" + (" | |" if cuda else "")
         )
     comparison = report.get("comparison") or {}
     if "tokens_per_s_ratio_trace_ds_over_trl" in comparison:
@@ -575,20 +635,22 @@ def markdown_tables(report: dict[str, Any]) -> str:
         lines += [
             "",
             "| trace-ds train | ZeRO | ranks | peak RSS MB per rank | peak RSS MB before step 1 | tokens/s "
-            "| other CPU s |",
-            "|---|---|---|---|---|---|---|",
+            f"| other CPU s |{cuda_head}",
+            f"|---|---|---|---|---|---|---|{cuda_rule}",
         ]
         for row in report["memory"]:
             lines.append(
                 f"| | {row['zero']} | {row['ranks']} | {_per_rank(row['peak_rss_mb_per_rank'])} | "
                 f"{_per_rank(row['peak_rss_mb_before_steps_per_rank'])} | {_fmt(row['tokens_per_s'])} | "
-                f"{_fmt(row['other_cpu_s'], 1)} |"
+                f"{_fmt(row['other_cpu_s'], 1)} |" + cuda_cells(row)
             )
+    devices = sorted({str(row.get("device", "cpu")) for row in rows})
+    lines += ["", f"DeepSpeed accelerator of the runs: {', '.join(devices)}."]
     return "\n".join(lines)
 
 
-def _per_rank(values: list[float]) -> str:
-    return " / ".join(f"{v:.0f}" for v in values)
+def _per_rank(values: list[float | None]) -> str:
+    return " / ".join("n/a" if v is None else f"{v:.0f}" for v in values)
 
 
 if __name__ == "__main__":
