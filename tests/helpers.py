@@ -21,6 +21,20 @@ from trace_ds.io import free_port, trace_ds_command
 from trace_ds.losses import npo_loss, relational_loss, sequence_logps, suppression_loss
 
 
+def triaged_benchmark(root: Path, n_pairs: int, seed: int, n_eval_prompts: int, n_eval_pairs: int) -> Path:
+    """A synthetic benchmark written to ``root/bench`` and triaged into ``root/triaged.jsonl`` (returned)."""
+    from trace_ds.synth.generator import build_benchmark
+    from trace_ds.triage import run_triage
+
+    bench = root / "bench"
+    build_benchmark(
+        bench, n_pairs=n_pairs, seed=seed, n_eval_prompts=n_eval_prompts, n_eval_pairs=n_eval_pairs
+    )
+    out = root / "triaged.jsonl"
+    run_triage(str(bench / "pairs.jsonl"), str(bench / "verdicts.jsonl"), str(out))
+    return out
+
+
 def read_lines(path: Path) -> list[dict]:
     """Every JSONL record of ``path``."""
     return [json.loads(line) for line in path.read_text().splitlines()]

@@ -14,8 +14,8 @@ import pytest
 
 from trace_ds.engine import CPU_ZERO3_CONFIG
 from trace_ds.io import write_json
-from trace_ds.synth.generator import build_benchmark
-from trace_ds.triage import run_triage
+
+from .helpers import triaged_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,11 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_no_engine_outlives_its_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
-    build_benchmark(tmp_path / "bench", n_pairs=16, seed=3, n_eval_prompts=2, n_eval_pairs=4)
-    triaged = tmp_path / "triaged.jsonl"
-    run_triage(
-        str(tmp_path / "bench" / "pairs.jsonl"), str(tmp_path / "bench" / "verdicts.jsonl"), str(triaged)
-    )
+    triaged = triaged_benchmark(tmp_path, n_pairs=16, seed=3, n_eval_prompts=2, n_eval_pairs=4)
     write_json(tmp_path / "ds.json", CPU_ZERO3_CONFIG)
     args = [
         str(tiny_model_dir),

@@ -18,10 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from trace_ds.synth.generator import build_benchmark
-from trace_ds.triage import run_triage
-
-from .helpers import deepspeed_command, read_lines, torchrun_node_commands
+from .helpers import deepspeed_command, read_lines, torchrun_node_commands, triaged_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = str(REPO / "ds_configs" / "cpu.json")
@@ -80,11 +77,7 @@ def run_launches(commands: list[list[str]], logs: Path, wait_s: float = WAIT_S) 
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_two_torchrun_nodes_equal_one_node_two_ranks(tiny_model_dir: Path, tmp_path: Path) -> None:
-    build_benchmark(tmp_path / "bench", n_pairs=16, seed=5, n_eval_prompts=4, n_eval_pairs=4)
-    triaged = tmp_path / "triaged.jsonl"
-    run_triage(
-        str(tmp_path / "bench" / "pairs.jsonl"), str(tmp_path / "bench" / "verdicts.jsonl"), str(triaged)
-    )
+    triaged = triaged_benchmark(tmp_path, n_pairs=16, seed=5, n_eval_prompts=4, n_eval_pairs=4)
     tokenize = ["--max-length", "64", "--max-prompt-length", "32"]
     model = ["--model", str(tiny_model_dir), "--triaged", str(triaged)]
     score = ["score", *model, "--probe-size", "4", "--micro-batch", "2", "--beta", "0.5", "--allow-empty"]

@@ -14,10 +14,8 @@ import pytest
 from trace_ds.config import LoraConfig, ScoreConfig
 from trace_ds.data.tokenize import TokenizeConfig
 from trace_ds.scoring.scorer import run_score
-from trace_ds.synth.generator import build_benchmark
-from trace_ds.triage import run_triage
 
-from .helpers import assert_same_raw_scores, deepspeed_command, kill_when_lines, read_lines
+from .helpers import assert_same_raw_scores, deepspeed_command, kill_when_lines, read_lines, triaged_benchmark
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
@@ -27,9 +25,7 @@ TOKENIZE = {"max_length": 160, "max_prompt_length": 64}
 @pytest.fixture(scope="module")
 def scored(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rescore")
-    build_benchmark(root / "bench", n_pairs=48, seed=11, n_eval_prompts=4, n_eval_pairs=4)
-    triaged = root / "triaged.jsonl"
-    run_triage(str(root / "bench" / "pairs.jsonl"), str(root / "bench" / "verdicts.jsonl"), str(triaged))
+    triaged = triaged_benchmark(root, n_pairs=48, seed=11, n_eval_prompts=4, n_eval_pairs=4)
     scores = root / "scores.jsonl"
     run_score(
         ScoreConfig(

@@ -14,20 +14,15 @@ from click.testing import CliRunner
 from trace_ds.cli import main
 from trace_ds.io import TraceError, write_jsonl
 from trace_ds.scoring.scorer import Scored, normalize_weights
-from trace_ds.synth.generator import build_benchmark
-from trace_ds.triage import run_triage
 
-from .helpers import kill_when_lines
+from .helpers import kill_when_lines, triaged_benchmark
 from .helpers import read_lines as lines
 
 
 @pytest.fixture(scope="module")
 def triaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("score_data")
-    build_benchmark(root / "bench", n_pairs=48, seed=3, n_eval_prompts=8, n_eval_pairs=8)
-    out = root / "triaged.jsonl"
-    run_triage(str(root / "bench" / "pairs.jsonl"), str(root / "bench" / "verdicts.jsonl"), str(out))
-    return out
+    return triaged_benchmark(root, n_pairs=48, seed=3, n_eval_prompts=8, n_eval_pairs=8)
 
 
 def score_args(model: Path, triaged: Path, out: Path, *extra: str) -> list[str]:

@@ -10,10 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from trace_ds.cli import main
-from trace_ds.synth.generator import build_benchmark
-from trace_ds.triage import run_triage
 
-from .helpers import assert_same_raw_scores, score_on_two_ranks
+from .helpers import assert_same_raw_scores, score_on_two_ranks, triaged_benchmark
 from .helpers import read_lines as lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,11 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_zero3_two_ranks_equal_one_process(tiny_model_dir: Path, tmp_path: Path, lora: bool) -> None:
-    build_benchmark(tmp_path / "bench", n_pairs=40, seed=5, n_eval_prompts=8, n_eval_pairs=8)
-    triaged = tmp_path / "triaged.jsonl"
-    run_triage(
-        str(tmp_path / "bench" / "pairs.jsonl"), str(tmp_path / "bench" / "verdicts.jsonl"), str(triaged)
-    )
+    triaged = triaged_benchmark(tmp_path, n_pairs=40, seed=5, n_eval_prompts=8, n_eval_pairs=8)
     args = [
         "--model",
         str(tiny_model_dir),
