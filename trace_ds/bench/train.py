@@ -151,7 +151,7 @@ def _on_cuda() -> bool:
     """Whether this rank trains on a GPU (launch sets DS_ACCELERATOR for every run)."""
     import torch
 
-    return os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" and torch.cuda.is_available()
+    return accelerator() == "cuda" and torch.cuda.is_available()
 
 
 def _peak_cuda_mib() -> float | None:
