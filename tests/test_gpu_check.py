@@ -172,3 +172,33 @@ def test_an_interrupted_run_keeps_its_finished_sections(tmp_path: Path) -> None:
     assert "\n- status: ok\n" in blocks["a"] and "| float32 | 64 | 2004 | 256 |" in blocks["a"]
     assert "- state: interrupted by SIGTERM" in text  # while section b ran, or just before it started
     _assert_no_leftovers(tag, out)
+
+
+def test_the_device_wrapper_builds_its_venv_and_runs_the_check(tmp_path: Path) -> None:
+    """scripts/device_wheels.sh, then scripts/device_gpu_check.sh as a lent GPU machine runs it: a fresh venv over
+    the base Python's packages, the carried wheels and trace-ds installed into it, the check's results written
+    to $OUT. This venv's Python stands in for the GPU image's (wheels for its version; the CPU smoke mode,
+    section b only)."""
+    env = _env(uuid.uuid4().hex)
+    wheels, out = tmp_path / "whl", tmp_path / "out"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    fetch = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "device_wheels.sh"), "--python-version", version, "--dest", str(wheels)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert fetch.returncode == 0, fetch.stdout[-2000:] + fetch.stderr[-2000:]
+    names = {path.name.split("-")[0] for path in wheels.glob("*.whl")}
+    assert {"deepspeed", "transformers", "datasets", "trl", "pydantic_core"} <= names, names
+    device_env = {
+        **env, "DEVICE_BASE_PYTHON": sys.executable, "DEVICE_VENV": str(tmp_path / "venv"),
+        "DEVICE_WHEELS": str(wheels), "OUT": str(out),
+    }  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "device_gpu_check.sh"), "--cpu-smoke", "--only", "exactness"],
+        env=device_env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "venv ready: deepspeed" in (out / "setup.log").read_text()
+    sections = _sections((out / "gpu_results.md").read_text())
+    assert list(sections) == ["b"] and "- status: ok" in sections["b"]
+    assert (tmp_path / "venv" / "bin" / "trace-ds").exists()  # trace-ds itself installed into the new venv
