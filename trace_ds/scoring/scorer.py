@@ -444,6 +444,7 @@ def _metadata(
         "probe_holdout_pairs": n_held_out,
         "parameters_covered": scorer.covered_numel,
         "probe_gradient_numel_on_rank0": sum(t.numel() for t in scorer.state.store.tensors.values()),
+        "probe_gradient_dtype": str(scorer.g_dtype()).removeprefix("torch."),  # kept, and gathered, in it
         "rejects": n_rejects,
     }
 
