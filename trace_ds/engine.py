@@ -163,7 +163,10 @@ class Strategy:
         import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
 
+        from trace_ds.build_locks import clear_stale_build_locks
+
         accelerator = get_accelerator()
+        clear_stale_build_locks()  # a killed op build's lock would make init_distributed wait forever
         timeout = os.environ.get("TRACE_DS_DIST_TIMEOUT_S")  # a short one in tests: a hang fails fast
         kwargs = {"timeout": timedelta(seconds=float(timeout))} if timeout else {}
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), **kwargs)

@@ -20,8 +20,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# The exit status of a TraceError (as of click's usage errors): rerunning the same command cannot help.
+USER_ERROR_EXIT = 2
+
+
 class TraceError(Exception):
-    """An error the user can fix; the CLI prints it without a traceback and exits non-zero."""
+    """An error the user can fix; the CLI prints it without a traceback and exits with USER_ERROR_EXIT."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging folder next to ``path``; it replaces ``path`` only if the block finishes, so a crash or
+    an error leaves no half-written folder (a model, a tokenizer) behind."""
+    import shutil
+
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        shutil.rmtree(path, ignore_errors=True)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
@@ -171,6 +194,22 @@ def iter_jsonl_lenient(path: str | os.PathLike) -> Iterator[tuple[Position, Any]
                 )
 
 
+def _holds_json_lines(path: Path) -> bool:
+    """A .json file that is not one JSON value but a value per line: its first line parses on its own and
+    more follows. Its errors are then reported per line, at the broken line's own column (as a whole file it
+    would fail at line 2 column 1 with "Extra data", whatever is wrong further on)."""
+    with open(path, encoding="utf-8") as handle:
+        lines = (line for line in handle if line.strip())
+        first = next(lines, None)
+        if first is None or next(lines, None) is None:
+            return False
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return first.lstrip()[:1] != "["
+
+
 def is_saved_dataset(path: Path) -> bool:
     """A folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
     return path.is_dir() and any(
@@ -192,6 +231,9 @@ def iter_table_records(
     if path.is_file() and suffix in (".jsonl", ".ndjson"):
         yield from iter_jsonl_lenient(path)
     elif path.is_file() and suffix == ".json":
+        if _holds_json_lines(path):  # JSON Lines named .json, as `datasets`' json loader also reads them
+            yield from iter_jsonl_lenient(path)
+            return
         data = read_json(path)
         if not isinstance(data, list):
             raise BadRecord(Position(source, 1), "a .json pairs file must hold one JSON array of records")

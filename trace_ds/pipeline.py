@@ -11,6 +11,7 @@ distributed training stages (scoring and every method's training, in ONE ``deeps
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from typing import Any
 
 from trace_ds import __version__
 from trace_ds.console import console
-from trace_ds.io import TraceError, read_json, trace_ds_command, write_json
+from trace_ds.io import USER_ERROR_EXIT, TraceError, read_json, trace_ds_command, write_json
 from trace_ds.pipeline_config import load_config
 
 __all__ = ["Pipeline", "Stage", "load_config", "write_demo_config"]
@@ -105,8 +106,15 @@ class Pipeline:
             if is_main:
                 console.rule(f"{stage.name}")
             started = time.perf_counter()
+            created = not stage.directory.exists()
             stage.directory.mkdir(parents=True, exist_ok=True)
-            result = stage.run(stage.directory, self.dirs(stage)) or {}
+            try:
+                result = stage.run(stage.directory, self.dirs(stage)) or {}
+            except BaseException:
+                if created and is_main:  # a stage that failed before writing anything leaves no folder
+                    with contextlib.suppress(OSError):
+                        stage.directory.rmdir()
+                raise
             if phase == "distributed":
                 _release_after(stage.name)
             if is_main:
@@ -131,6 +139,11 @@ class Pipeline:
         env = dict(os.environ)
         env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
         result = subprocess.run(command, env=env, check=False)
+        if result.returncode == USER_ERROR_EXIT:
+            raise TraceError(
+                f"the distributed stages stopped on the error printed above (exit {result.returncode}): fix it "
+                "and rerun; finished stages stay cached"
+            )
         if result.returncode != 0:
             raise TraceError(
                 f"the distributed stages failed (exit {result.returncode}); rerun the same command to resume"

@@ -14,6 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from trace_ds.config import check_model_source
 from trace_ds.io import TraceError
 
 METHODS = {
@@ -135,6 +136,10 @@ def _check_model(model: dict[str, Any], data: dict[str, Any], where: str) -> Non
     if "path" in model:
         if "sft" in model:
             raise TraceError(f"{where}: model.sft applies to build_tiny only; a model.path is used as it is")
+        try:
+            check_model_source(str(model["path"]), "model.path")
+        except TraceError as err:
+            raise TraceError(f"{where}: {err}") from None
         return
     from trace_ds.sft import SFTConfig
     from trace_ds.tiny import build_tiny_llama
@@ -217,8 +222,13 @@ def _check_launch(launch: dict[str, Any], where: str) -> None:
             f"{where}: launch.ranks {ranks} needs launch.deepspeed: a DeepSpeed JSON config "
             "(ds_configs/zero3.json on GPUs, ds_configs/cpu.json on CPUs)"
         )
-    if deepspeed and not Path(deepspeed).is_file():
-        raise TraceError(f"{where}: launch.deepspeed {deepspeed}: no such file (see ds_configs/)")
+    if deepspeed:
+        from trace_ds.deepspeed_configs import resolve_deepspeed_config
+
+        try:
+            resolve_deepspeed_config(deepspeed, "launch.deepspeed")
+        except TraceError as err:
+            raise TraceError(f"{where}: {err}") from None
 
 
 def _known(

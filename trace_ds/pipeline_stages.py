@@ -188,6 +188,9 @@ def _given_data(files: dict[str, str]) -> Any:
 
 def _given_model(path: str) -> Any:
     def run(directory: Path, _: dict[str, Path]) -> dict[str, Any]:
+        from trace_ds.config import check_model_source
+
+        check_model_source(path, "model.path")  # checked again here: never mark a missing folder done
         write_json(directory / "paths.json", {"model": path})
         return {}
 
@@ -196,20 +199,12 @@ def _given_model(path: str) -> Any:
 
 def _build_tiny(settings: dict[str, Any], seed: int) -> Any:
     def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
-        from trace_ds.tiny import build_tiny_llama, train_tokenizer
+        from trace_ds.tiny import build_tiny_from_corpus
 
-        corpus = Path(_paths(inputs["data"])["corpus"]).read_text(encoding="utf-8").split("\n\n")
-        options = dict(settings)
-        vocab = options.pop("vocab_size", 1024)
-        documents = options.pop("tokenizer_documents", 8000)
         out = directory / "model"
-        tokenizer = train_tokenizer(
-            [c for c in corpus[:documents] if c.strip()], out, vocab_size=vocab, seed=seed
-        )
-        build_tiny_llama(out, vocab_size=len(tokenizer), seed=seed, **options)
-        tokenizer.save_pretrained(str(out))
+        vocab = build_tiny_from_corpus(_paths(inputs["data"])["corpus"], out, seed=seed, **settings)
         write_json(directory / "paths.json", {"model": str(out)})
-        return {"vocab": len(tokenizer)}
+        return {"vocab": vocab}
 
     return run
 

@@ -25,6 +25,7 @@ import io
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerBase
@@ -237,6 +238,36 @@ def build_tiny_llama(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)  # transformers 5 always writes safetensors
     return model
+
+
+def build_tiny_from_corpus(
+    corpus: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    vocab_size: int = 1024,
+    tokenizer_documents: int = 8000,
+    seed: int = 0,
+    **model_options: Any,
+) -> int:
+    """A tokenizer trained on the first ``tokenizer_documents`` documents of ``corpus`` (plain text, documents
+    separated by blank lines) and a random tiny Llama model over it, written atomically to ``out_dir``: a
+    model folder every stage takes as ``--model``. ``model_options`` go to :func:`build_tiny_llama`. Returns
+    the tokenizer's size (below ``vocab_size`` when the corpus is too small for that many merges)."""
+    from trace_ds.io import TraceError, atomic_folder
+
+    path = Path(corpus)
+    if not path.is_file():
+        raise TraceError(f"--corpus {corpus}: no such file (plain text, documents separated by blank lines)")
+    documents = [d for d in path.read_text(encoding="utf-8").split("\n\n")[:tokenizer_documents] if d.strip()]
+    if not documents:
+        raise TraceError(f"--corpus {corpus}: no text to train a tokenizer on")
+    with atomic_folder(out_dir) as staging:
+        try:
+            tokenizer = train_tokenizer(documents, staging, vocab_size=vocab_size, seed=seed)
+        except ValueError as err:  # a vocabulary too small for the corpus's characters: say the fix
+            raise TraceError(f"--vocab-size {vocab_size}: {err}") from None
+        build_tiny_llama(staging, vocab_size=len(tokenizer), seed=seed, **model_options)
+        tokenizer.save_pretrained(str(staging))
+    return len(tokenizer)
 
 
 def build_tiny_pair(

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trace_ds.config import DEFAULT_VOCAB_TILE, check_logp_reduction, check_vocab_tile
+from trace_ds.config import (
+    DEFAULT_VOCAB_TILE,
+    check_logp_reduction,
+    check_model_source,
+    check_vocab_tile,
+    resolve_deepspeed_option,
+)
 from trace_ds.data.pairs import pair_from_record, read_pairs
 from trace_ds.data.tokenize import TokenizeConfig
 from trace_ds.evaluate.metrics import (
@@ -222,6 +228,9 @@ class EvalConfig:
     logp_reduction: str = "sum"
 
     def __post_init__(self) -> None:
+        check_model_source(self.model)
+        check_model_source(self.reference, "--reference")
+        resolve_deepspeed_option(self)
         check_vocab_tile(self.vocab_tile)
         check_logp_reduction(self.logp_reduction)
         folder = Path(self.data)
@@ -234,8 +243,6 @@ class EvalConfig:
             raise TraceError(
                 f"--data {self.data}: missing {', '.join(missing)} (see docs/formats.md, evaluation folder)"
             )
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            raise TraceError(f"--deepspeed {self.deepspeed}: no such file (see ds_configs/)")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise TraceError("--max-new-tokens and --batch-size must be at least 1")
 
