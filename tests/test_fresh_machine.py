@@ -145,7 +145,7 @@ def test_rerun_to_resume_is_said_only_when_a_rerun_can_help(
     config_path = _run_config(tmp_path, str(model))
     pipeline = pipeline_module.Pipeline(pipeline_module.load_config(config_path), str(config_path))
     code = (
-        f"import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+        "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
         if exit_code < 0
         else f"raise SystemExit({exit_code})"
     )
