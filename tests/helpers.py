@@ -148,6 +148,31 @@ def ghost_scores(
     return out
 
 
+def ghost_scores_and_norms(
+    model: torch.nn.Module,
+    probe: Sequence[TokenizedPair],
+    pairs: Sequence[TokenizedPair],
+    categories: Sequence[str],
+    cfg: ScoreConfig | None = None,
+    pad_id: int = 0,
+) -> tuple[list[float], list[float], float]:
+    """Raw scores, ghost gradient norms ||g_i|| and ||G|| from the ghost scorer, micro-batch by micro-batch."""
+    from trace_ds.scoring.scorer import GhostScorer
+
+    cfg = cfg or score_config()
+    scorer = GhostScorer(model, pad_id=pad_id, config=cfg)
+    scorer.probe_gradient(probe)
+    scores: list[float] = []
+    norms: list[float] = []
+    for start in range(0, len(pairs), cfg.micro_batch):
+        got = scorer.score_with_norms(
+            pairs[start : start + cfg.micro_batch], categories[start : start + cfg.micro_batch]
+        )
+        scores += got[0]
+        norms += got[1]
+    return scores, norms, scorer.probe_norm()
+
+
 def reference_loss(model, pair: TokenizedPair, category: str, cfg: ScoreConfig) -> torch.Tensor:
     """Per-pair loss with plain autograd, one pair at a time, no padding (test reference only)."""
     logps = []
@@ -205,7 +230,10 @@ def score_on_two_ranks(args: list[str], out: Path, extra_env: dict[str, str] | N
 
 
 def assert_same_raw_scores(a: list[dict], b: list[dict], rel: float = 1e-5) -> None:
-    """Two score files list the same pairs, with raw scores equal within ``rel`` of the largest score."""
+    """Two score files list the same pairs, with raw scores equal within ``rel`` of the largest score and
+    gradient norms within ``rel`` of each pair's own."""
     assert [x["id"] for x in a] == [x["id"] for x in b]
     scale = max(abs(x["raw_score"]) for x in a)
     assert max(abs(x["raw_score"] - y["raw_score"]) for x, y in zip(a, b, strict=True)) <= rel * scale
+    if all("grad_norm" in x for x in a + b):  # in-run re-scoring writes no norms (dot scores only)
+        assert max(abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] for x, y in zip(a, b, strict=True)) <= rel

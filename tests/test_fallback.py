@@ -21,6 +21,7 @@ from .helpers import (
     assert_same_raw_scores,
     cosine_errors,
     ghost_scores,
+    ghost_scores_and_norms,
     random_pairs,
     reference_scores,
     score_config,
@@ -117,6 +118,11 @@ def run_scorer(model, probe, pairs, categories, cfg) -> tuple[list[float], Ghost
     return out, scorer
 
 
+def fallback_norms(model, probe, pairs, categories, cfg) -> list[float]:
+    """Ghost gradient norms ||g_i|| (the fallback's modules form their own per-pair gradients)."""
+    return ghost_scores_and_norms(model, probe, pairs, categories, cfg)[1]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_modules_without_a_path_score_like_the_fp64_reference(
     method: str, monkeypatch: pytest.MonkeyPatch
@@ -127,6 +133,8 @@ def test_modules_without_a_path_score_like_the_fp64_reference(
     got, scorer = run_scorer(model, probe, pairs, categories, cfg)
     assert max(cosine_errors(got, want, norms, g_norm)) <= 1e-6
     assert any(abs(w) > 1e-3 * n * g_norm for w, n in zip(want, norms, strict=True))  # not trivially zero
+    got_norms = fallback_norms(model, probe, pairs, categories, cfg)
+    assert max(abs(a - b) / b for a, b in zip(got_norms, norms, strict=True)) <= 1e-6
     stats = fallback.stats_of(scorer.state)
     assert sorted(stats) == ["LayerNorm", "ScaledSiLU"]
     assert all(s.methods == {method} for s in stats.values())
@@ -141,6 +149,8 @@ def test_modules_without_a_path_score_like_the_fp64_reference(
     probe, pairs, categories, cfg, want, norms, g_norm = scored(model)
     got, _ = run_scorer(model, probe, pairs, categories, cfg)
     assert max(cosine_errors(got, want, norms, g_norm)) <= 1e-6
+    got_norms = fallback_norms(model, probe, pairs, categories, cfg)
+    assert max(abs(a - b) / b for a, b in zip(got_norms, norms, strict=True)) <= 1e-6
 
 
 def test_nested_owner_scores_its_children_once() -> None:
@@ -175,6 +185,12 @@ def test_forced_fallback_equals_the_dedicated_paths(
     assert all(s.methods == {method} for s in stats.values())
     _, norms, g_norm = reference_scores(model, probe, pairs, categories, cfg)
     assert max(cosine_errors(forced, dedicated, norms, g_norm)) <= 1e-6
+    if case == "lora":  # per-pair gradients of the forced modules' own parameters: the same norms
+        got_norms = fallback_norms(model, probe, pairs, categories, cfg)
+        assert max(abs(a - b) / b for a, b in zip(got_norms, norms, strict=True)) <= 1e-6
+    else:  # a tied weight on the generic path: its cross term is not implemented, refused by name
+        with pytest.raises(TraceError, match="tied"):
+            fallback_norms(model, probe, pairs, categories, cfg)
     g_plain, g_forced = plain.state.store.tensors, scorer.state.store.tensors
     assert g_plain.keys() == g_forced.keys()
     for key, tensor in g_plain.items():

@@ -26,7 +26,13 @@ from trace_ds.io import TraceError
 from trace_ds.scoring.ghost import GhostState, ProbeGradient, ghost_forward_for, ghost_mode
 from trace_ds.scoring.scorer import GhostScorer
 
-from .helpers import cosine_errors, ghost_scores, random_pairs, reference_scores, score_config
+from .helpers import (
+    cosine_errors,
+    ghost_scores_and_norms,
+    random_pairs,
+    reference_scores,
+    score_config,
+)
 
 VOCAB = 160
 HEADS, KV_HEADS, HEAD_DIM = 3, 1, 16  # batches below are 8-15 tokens wide: never 1, 3 or 16
@@ -122,13 +128,16 @@ def eager_experts(model: nn.Module) -> Iterator[None]:
 
 
 def assert_exact(model: nn.Module, probe, pairs, pad_id: int = PAD, unreached: str | None = None) -> None:
-    """Ghost scores within 1e-6 cosine units of the fp64 per-pair reference, and not trivially zero. The probe
-    pass reaches every trainable parameter (no coverage warning), or warns matching ``unreached``."""
+    """Ghost scores within 1e-6 cosine units of the fp64 per-pair reference, and not trivially zero; ghost
+    gradient norms ||g_i|| and ||G|| within 1e-6 of the reference's, relative. The probe pass reaches every
+    trainable parameter (no coverage warning), or warns matching ``unreached``."""
     cfg = score_config(beta=0.5)
     categories = categories_for(pairs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = ghost_scores(model, probe, pairs, categories, cfg, pad_id=pad_id)
+        got, got_norms, got_g_norm = ghost_scores_and_norms(
+            model, probe, pairs, categories, cfg, pad_id=pad_id
+        )
     coverage = [str(w.message) for w in caught if "took no part" in str(w.message)]
     if unreached is None:
         assert not coverage, coverage
@@ -139,6 +148,14 @@ def assert_exact(model: nn.Module, probe, pairs, pad_id: int = PAD, unreached: s
     errors = cosine_errors(got, want, norms, g_norm)
     assert max(errors) <= 1e-6, errors
     assert any(abs(w) > 1e-3 * n * g_norm for w, n in zip(want, norms, strict=True))
+    assert_exact_norms(got_norms, norms, got_g_norm, g_norm)
+
+
+def assert_exact_norms(got: list[float], want: list[float], got_g: float, want_g: float) -> None:
+    """Ghost norms ||g_i|| (and ||G||) within 1e-6 of the fp64 per-pair gradients' norms, relative."""
+    relative = [abs(a - b) / b for a, b in zip(got, want, strict=True)]
+    assert max(relative) <= 1e-6 and min(want) > 0, relative
+    assert abs(got_g - want_g) <= 1e-6 * want_g, (got_g, want_g)
 
 
 @pytest.mark.parametrize(("family", "tied"), CASES)

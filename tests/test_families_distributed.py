@@ -206,11 +206,16 @@ def test_zero3_two_ranks_score_the_families_like_one_process(
         assert scale > 0, name
         diff = max(abs(x["raw_score"] - y["raw_score"]) for x, y in zip(a, b, strict=True))
         assert diff <= 1e-5 * scale, (name, diff / scale)
+        # ghost norms under ZeRO-3 (each rank its own pairs, parameters gathered) equal one process's
+        norm_diff = max(abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] for x, y in zip(a, b, strict=True))
+        assert norm_diff <= 1e-5, (name, norm_diff)
+        assert [x["cosine"] for x in a] == pytest.approx([y["cosine"] for y in b], rel=1e-4, abs=1e-6), name
         embeddings = "tied" if tied[family] else "untied"
         print(f"{name} ({embeddings}): largest difference {diff / scale:.1e} of the largest score")
         assert [x["weight"] for x in a] == pytest.approx([y["weight"] for y in b], rel=1e-4, abs=1e-6), name
         meta = json.loads((tmp_path / "two" / name / "s.meta.json").read_text())
         assert (meta["world_size"], meta["zero_stage"]) == (2, 3), name
+        assert meta["probe_norm"] == pytest.approx(one[family]["probe_norm"], rel=1e-5), name
         assert meta["parameters_covered"] == one[family]["parameters_covered"], name
         # run_score writes "ghost_fallback" (class -> use) only when some module took the fallback
         if job.get("fallback"):  # the forced classes took it (2 ranks; the one process ran on its own paths)

@@ -25,8 +25,15 @@ from trace_ds.io import TraceError, write_jsonl
 from trace_ds.models import attach_lora, load_causal_lm
 from trace_ds.tiny import FAMILIES, MOE_FAMILIES, PAD_ID
 
-from .helpers import cosine_errors, ghost_scores, random_pairs, read_lines, reference_scores, score_config
-from .test_families import categories_for, eager_experts
+from .helpers import (
+    cosine_errors,
+    ghost_scores_and_norms,
+    random_pairs,
+    read_lines,
+    reference_scores,
+    score_config,
+)
+from .test_families import assert_exact_norms, categories_for, eager_experts
 from .test_family_training import build_families
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -140,7 +147,7 @@ def test_lora_scores_equal_fp64_per_pair_autograd(family: str, families: dict[st
     categories = categories_for(pairs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = ghost_scores(model, probe, pairs, categories, cfg, pad_id=PAD_ID)
+        got, got_norms, got_g_norm = ghost_scores_and_norms(model, probe, pairs, categories, cfg, pad_id=PAD_ID)
     coverage = [str(w.message) for w in caught if "took no part" in str(w.message)]
     assert not coverage, coverage  # the probe pass reaches every adapter
     with eager_experts(model):
@@ -149,6 +156,7 @@ def test_lora_scores_equal_fp64_per_pair_autograd(family: str, families: dict[st
     print(f"{family}: max cosine error {max(errors):.2e}")
     assert max(errors) <= 1e-6, errors
     assert any(abs(w) > 1e-3 * n * g_norm for w, n in zip(want, norms, strict=True))
+    assert_exact_norms(got_norms, norms, got_g_norm, g_norm)  # ||g_i|| over the adapters only
 
 
 def heads_only_first_step_loss(scores: list[dict], pairs: int) -> float:

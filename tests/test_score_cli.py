@@ -303,5 +303,5 @@ def test_scoring_benchmark_runs_every_arm_and_they_agree(tmp_path: Path) -> None
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert [row["arm"] for row in report["arms"]] == ["floor", "ghost", "per-pair", "reference-code"]
+    assert [row["arm"] for row in report["arms"]] == ["floor", "ghost", "ghost+norms", "per-pair", "reference-code"]
     assert all(diff < 1e-5 for diff in report["max_relative_score_difference_vs_ghost"].values())

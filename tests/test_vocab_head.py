@@ -156,12 +156,12 @@ def test_the_training_step_equals_the_full_logits_path(precomputed: bool, reduct
         loss = reduce_step_loss(conflict, conflict_w, kl, 2.0, len(pairs))
         out[tile] = (conflict, kl, grads(loss, params))
     (conflict0, kl0, g0), (conflict5, kl5, g5) = out[0], out[5]
-    # fp32: a summed log-prob of ~60 carries ~1e-6 of rounding per summation order, and IPO's loss multiplies an
-    # error of the margin by 2 |margin - 1/(2 beta)| (here up to ~5): 1e-6 of the largest loss held on one CPU
-    # by chance and failed on another (1.6e-6, AMD EPYC, 2026-12-07); the gradient check below stays at 1e-6
+    # fp32: a summed log-prob of ~60 carries ~1e-6 of rounding per summation order, and IPO's loss (and its
+    # gradient's coefficient) multiplies an error of the margin by 2 |margin - 1/(2 beta)| (here up to ~5): 1e-6
+    # held on one CPU by chance and failed on another (loss 1.6e-6, gradient 2.8e-6; AMD EPYC, 2026-12-07)
     assert relative(conflict5, conflict0) <= 1e-5
     assert relative(kl5, kl0) <= 1e-6 and kl0[[2, 3, 5]].min() > 0 and not kl0[[0, 1, 4]].any()
-    assert max_grad_error(g5, g0) <= 1e-6
+    assert max_grad_error(g5, g0) <= 1e-5
 
 
 def test_a_model_whose_forward_changes_the_logits_is_refused() -> None:

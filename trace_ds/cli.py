@@ -528,6 +528,38 @@ def _tokenize_config(options: dict[str, Any]) -> Any:
     help="Dtype G is kept and (ZeRO-3) gathered in while scoring: model = the model's bf16/fp16, half the bytes "
     "(error measured in docs/method.md); the Triton kernel uses the model's dtype either way.",
 )
+@click.option(
+    "--score-metric",
+    type=click.Choice(["dot", "cosine"]),
+    default="dot",
+    show_default=True,
+    help="dot: <g_i, G> (the paper); cosine: divided by ||g_i|| ||G|| (exact ghost norms), so a pair is weighted "
+    "by its gradient's direction, not its size.",
+)
+@click.option(
+    "--weighting",
+    default="paper",
+    show_default=True,
+    help="Scores -> weights within each category, mean 1: paper (clamp at 0), standardized (max(w_min, 1 + alpha "
+    "z)), prune:Q (drop the lowest fraction Q and negative scores, the rest uniform), uniform.",
+)
+@click.option("--weight-alpha", default=0.5, show_default=True, help="standardized: the slope alpha.")
+@click.option("--weight-min", default=0.1, show_default=True, help="standardized: the floor w_min.")
+@click.option(
+    "--probe-normalize",
+    type=click.Choice(["none", "unit"]),
+    default="none",
+    show_default=True,
+    help="unit: every probe pair's gradient scaled to norm 1 before it enters G (no pair dominates the probe).",
+)
+@click.option(
+    "--probe-suppression",
+    type=click.Choice(["pool", "same-prompt", "drop"]),
+    default="pool",
+    show_default=True,
+    help="The built probe's suppression third: pool (Algorithm 2: a compliant response from any prompt), "
+    "same-prompt (only a response judged compliant for that prompt), drop (none).",
+)
 @logp_reduction_option
 @vocab_tile_option
 @tokenize_options
@@ -936,7 +968,7 @@ def bench() -> None:
 @click.option("--probe", default=16, show_default=True, help="Probe pairs.")
 @click.option("--threads", default=2, show_default=True, help="torch threads per arm.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--arms", default="floor,ghost,per-pair,reference-code", show_default=True)
+@click.option("--arms", default="floor,ghost,ghost+norms,per-pair,reference-code", show_default=True)
 @click.option("--workdir", default="runs/bench_scoring", show_default=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
 def bench_scoring(n_pairs: int, arms: str, out: str | None, **settings: Any) -> None:

@@ -118,10 +118,27 @@ class ScoreConfig:
     vocab_tile: int = DEFAULT_VOCAB_TILE
     g_dtype: Literal["float32", "model"] = "float32"
     logp_reduction: Literal["sum", "mean"] = "sum"
+    # how scores become weights (trace_ds/scoring/weights.py) and how the probe is built (scoring/probe.py)
+    score_metric: Literal["dot", "cosine"] = "dot"
+    weighting: str = "paper"  # paper | standardized | prune:Q | uniform
+    weight_alpha: float = 0.5
+    weight_min: float = 0.1
+    probe_normalize: Literal["none", "unit"] = "none"
+    probe_suppression: Literal["pool", "same-prompt", "drop"] = "pool"
 
     def __post_init__(self) -> None:
         check_model_source(self.model)
         resolve_deepspeed_option(self)
+        self.weighting_choice()  # every weighting option checked here, before anything loads
+        if self.probe_normalize not in ("none", "unit"):
+            raise TraceError(f"--probe-normalize {self.probe_normalize!r}: use none or unit")
+        if self.probe_suppression not in ("pool", "same-prompt", "drop"):
+            raise TraceError(f"--probe-suppression {self.probe_suppression!r}: use pool, same-prompt or drop")
+        if self.probe is not None and self.probe_suppression != "pool":
+            raise TraceError(
+                "--probe-suppression chooses how a built probe gets its suppression pairs; a --probe file is used as "
+                "it is: drop one of the two"
+            )
         check_vocab_tile(self.vocab_tile)
         check_logp_reduction(self.logp_reduction)
         if self.g_dtype not in ("float32", "model"):
@@ -144,8 +161,15 @@ class ScoreConfig:
         if self.probe is None and self.probe_size < 3:
             raise TraceError(f"--probe-size {self.probe_size}: must be at least 3 (one pair per category)")
 
+    def weighting_choice(self) -> Any:
+        """The :class:`trace_ds.scoring.weights.Weighting` these options ask for (validated)."""
+        from trace_ds.scoring.weights import Weighting
+
+        return Weighting(self.score_metric, self.weighting, self.weight_alpha, self.weight_min, self.normalize)
+
     def fingerprint(self) -> dict[str, Any]:
-        """The settings a partial result depends on (resume refuses to mix different ones)."""
+        """The settings a partial result depends on (resume refuses to mix different ones). The weighting
+        options are not among them: weights are made from the raw scores and norms at the end."""
         keys = (
             "model",
             "triaged",
@@ -160,6 +184,9 @@ class ScoreConfig:
             "logp_reduction",
         )
         data = {key: getattr(self, key) for key in keys}
+        for key in ("probe_normalize", "probe_suppression"):  # only when set: older partial files still resume
+            if getattr(self, key) != ScoreConfig.__dataclass_fields__[key].default:
+                data[key] = getattr(self, key)
         data["lora"] = asdict(self.lora) if self.lora else None
         data["tokenize"] = asdict(self.tokenize)
         return data

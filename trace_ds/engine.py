@@ -508,6 +508,16 @@ class PartitionedProbeGradient(ProbeGradient):
         else:
             self.tensors[key] = mine
 
+    def squared_norm(self) -> float:
+        """||G||^2: this rank's shards (disjoint, zero-padded) summed, then summed over ranks."""
+        import torch.distributed as dist
+
+        local = torch.tensor([super().squared_norm()], dtype=torch.float64)
+        if dist.get_backend() != "gloo":
+            local = local.to(next(iter(self.tensors.values())).device)
+        dist.all_reduce(local)
+        return float(local)
+
     def full(self, param: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 

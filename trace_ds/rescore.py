@@ -61,6 +61,17 @@ class Rescorer:
                 "re-scoring runs the probe pass again and needs it: rescore with `trace-ds score`"
             )
         self.normalize = meta.get("normalize", "per-category")
+        unsupported = {
+            key: meta[key]
+            for key, default in (("score_metric", "dot"), ("weighting", "paper"), ("probe_normalize", "none"))
+            if meta.get(key, default) != default
+        }
+        if unsupported:
+            raise TraceError(
+                f"--rescore-every re-scores with the paper's weighting (dot scores, clamp and normalise, the plain "
+                f"probe), and {cfg.scores} was made with {unsupported}: in-run re-scoring of other weightings is "
+                "not implemented yet; train without --rescore-every, or score with the defaults"
+            )
         self.settings = ScoreConfig(
             model=cfg.model,
             triaged=cfg.triaged,

@@ -304,6 +304,13 @@ class Trainer:
                 f"--logp-reduction {cfg.logp_reduction}: the impact weights are for the loss they were computed "
                 "with; use the same reduction in both stages"
             )
+        scored_head = meta.get("relational")
+        if scored_head is not None and scored_head != cfg.relational:
+            raise TraceError(
+                f"{cfg.scores} was scored with --relational {scored_head}, and this run trains with --relational "
+                f"{cfg.relational}: score and train with the same relational head (the study compares heads as "
+                "whole arms)"
+            )
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()

@@ -149,6 +149,8 @@ def _weight_backward(
     grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     grad_w = torch.zeros_like(weight) if want_w and ghost is None else None
     grad_b = torch.zeros_like(bias) if want_b and ghost is None and bias is not None else None
+    norms = ghost.state.norms if ghost is not None else None
+    head_norm = norms.head(weight, hidden, ghost.offsets) if norms is not None and want_w else None  # type: ignore[union-attr]
     for start, stop in _tiles(vocab, tile):
         dz = tile_grad(start, stop)
         grad_h.add_(dz.matmul(weight[start:stop].to(dz.dtype)))
@@ -170,6 +172,12 @@ def _weight_backward(
             if want_b:
                 per_token = dz.float().matmul(state.store.rows(bias, start, stop).float())
                 state.scores += torch.segment_reduce(per_token, "sum", offsets=ghost.offsets)
+        if head_norm is not None:
+            head_norm.add_tile(dz, start)
+        if norms is not None and want_b:  # a bias's tiles are disjoint entries: their squares add
+            norms.add_vector(dz.float(), head_norm.row_of_entry if head_norm else norms.rows_of(ghost.offsets))
+    if head_norm is not None:
+        head_norm.finish()
     if ghost is not None:
         ghost.state.touched.update(id(p) for p in (weight, bias) if p is not None and p.requires_grad)
     return grad_h, grad_w, grad_b

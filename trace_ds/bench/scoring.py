@@ -3,6 +3,8 @@
 Each arm runs in its own process (so its peak RSS is its own) on the same model and pairs:
 
 * ``ghost``: trace-ds's scorer (one batched forward + backward per micro-batch, ghost dot products);
+* ``ghost+norms``: the same pass with every pair's exact gradient norm too (ghost norms, what
+  ``trace-ds score`` runs: cosine scores need them); its cost over ``ghost`` is the price of the norms;
 * ``reference-code``: what the public reference code does: one pair at a time, four extra no-grad passes
   (policy and a second full reference model, chosen and rejected), a full flattened per-pair gradient, a dot;
 * ``per-pair``: a fair per-pair autograd method: one pair at a time, no wasted passes, per-parameter dots;
@@ -43,7 +45,7 @@ def _now() -> float:
     return time.perf_counter()
 
 
-ARMS = ("floor", "ghost", "per-pair", "reference-code")
+ARMS = ("floor", "ghost", "ghost+norms", "per-pair", "reference-code")
 
 
 def _model(settings: dict[str, Any]) -> torch.nn.Module:
@@ -145,6 +147,8 @@ def run_arm(arm: str, settings: dict[str, Any]) -> dict[str, Any]:
         cats = [c for _, c in chunk]
         if arm == "ghost":
             return scorer.score(batch, cats)
+        if arm == "ghost+norms":
+            return scorer.score_with_norms(batch, cats)[0]
         if arm == "floor":
             _floor_step(model, batch, cats, config)
             return []
@@ -268,7 +272,7 @@ def summarise(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> d
         rows.append(row)
     agreement = {}
     if ghost:
-        for arm in ("per-pair", "reference-code"):
+        for arm in ("ghost+norms", "per-pair", "reference-code"):
             if arm in results:
                 a, b = (
                     torch.tensor(ghost["scores"], dtype=torch.float64),

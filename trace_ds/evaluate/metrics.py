@@ -145,22 +145,37 @@ def generate(
 
 
 def target_policy_agreement(
-    prompts: Sequence[dict[str, Any]], responses: Sequence[str], violates: Callable[[str, str], bool]
+    prompts: Sequence[dict[str, Any]],
+    responses: Sequence[str],
+    violates: Callable[[str, str], bool],
+    texts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """TPA: the share of generations the judge finds compliant with the new policy, overall and per group
-    (``shifted`` topics, where the policy changed, and stable ones, where it did not), with 95% intervals."""
-    groups: dict[str, list[bool]] = {"all": [], "shifted": [], "stable": []}
-    for prompt, response in zip(prompts, responses, strict=True):
-        ok = not violates(prompt["prompt"], response)
-        groups["all"].append(ok)
-        groups["shifted" if prompt.get("shifted") else "stable"].append(ok)
+    (``shifted`` topics, where the policy changed, and stable ones, where it did not, and per ``topic`` where
+    the prompts name one), with 95% intervals. A degenerate generation (``texts``, the generated text, default
+    ``responses``: :mod:`trace_ds.evaluate.degeneracy`) is non-compliant whatever the judge says, and each
+    group reports its ``degenerate`` share beside TPA."""
+    from trace_ds.evaluate.degeneracy import is_degenerate
+
+    texts = responses if texts is None else texts
+    groups: dict[str, list[tuple[bool, bool]]] = {"all": [], "shifted": [], "stable": []}
+    for prompt, response, text in zip(prompts, responses, texts, strict=True):
+        broken = is_degenerate(str(text))
+        ok = not broken and not violates(prompt["prompt"], response)
+        keys = ["all", "shifted" if prompt.get("shifted") else "stable"]
+        if prompt.get("topic"):
+            keys.append(f"topic:{prompt['topic']}")
+        for key in keys:
+            groups.setdefault(key, []).append((ok, broken))
     result = {}
     for name, values in groups.items():
-        low, high = wilson_interval(sum(values), len(values))
+        agree = sum(ok for ok, _ in values)
+        low, high = wilson_interval(agree, len(values))
         result[name] = {
-            "tpa": sum(values) / len(values) if values else None,
+            "tpa": agree / len(values) if values else None,
             "ci95": [low, high],
             "prompts": len(values),
+            "degenerate": sum(broken for _, broken in values) / len(values) if values else None,
         }
     return result
 
@@ -174,7 +189,10 @@ def tpa_from_verdicts(generations: Sequence[dict[str, Any]], verdicts: dict[str,
         if verdicts.get(str(g["id"])) is not None and verdicts[str(g["id"])].chosen_violates is not None
     ]
     tpa = target_policy_agreement(
-        judged, [str(g["id"]) for g in judged], lambda _, gid: bool(verdicts[gid].chosen_violates)
+        judged,
+        [str(g["id"]) for g in judged],
+        lambda _, gid: bool(verdicts[gid].chosen_violates),
+        texts=[str(g.get("response", "")) for g in judged],
     )
     return {"tpa": tpa, "unjudged": len(generations) - len(judged), "generations": len(generations)}
 

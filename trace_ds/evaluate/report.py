@@ -55,6 +55,14 @@ METRICS: tuple[Metric, ...] = (
     Metric("tpa_shifted", "TPA, shifted topics [95% CI]", "higher", 3, _tpa("shifted"), "shifted"),
     Metric("tpa_stable", "TPA, stable topics [95% CI]", "higher", 3, _tpa("stable"), "stable"),
     Metric(
+        "degenerate",
+        "degenerate generations (empty, looping, role-play; counted non-compliant)",
+        "lower",
+        3,
+        lambda m: ((m.get("tpa") or {}).get("all") or {}).get("degenerate"),
+        optional=True,
+    ),
+    Metric(
         "inversion_accuracy",
         "inversion accuracy (margin > 0)",
         "higher",
@@ -313,7 +321,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines.append(
             f"| {metric.label} | {ARROWS[metric.better]} {metric.better} | " + " | ".join(cells) + " |"
         )
-    lines += ["", *_targets_markdown(data["check"]), *_zero_weight_markdown(data["zero_weight"])]
+    lines += ["", *_per_topic_markdown(data, names)]
+    lines += [*_targets_markdown(data["check"]), *_zero_weight_markdown(data["zero_weight"])]
     lines += ["## Plots", ""]
     if "tpa.png" not in data["plots"]:
         lines += [f"No TPA plot: TPA {NO_TPA}.", ""]
@@ -326,6 +335,24 @@ def render_markdown(data: dict[str, Any]) -> str:
         ]
     lines += [*(f"![{Path(p).stem}]({p})" for p in data["plots"]), "", *_run_markdown(data)]
     return "\n".join(lines)
+
+
+def _per_topic_markdown(data: dict[str, Any], names: list[str]) -> list[str]:
+    """TPA per topic (the benchmark's prompts name theirs), each model a column; nothing without topics."""
+    tpa = {name: (data["evaluations"].get(name) or {}).get("tpa") or {} for name in names}
+    topics = sorted({key for groups in tpa.values() for key in groups if key.startswith("topic:")})
+    if not topics:
+        return []
+    lines = [
+        "## TPA per topic",
+        "",
+        "| topic | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for topic in topics:
+        cells = [_tpa_cell(tpa[name].get(topic)) if tpa[name] else NO_TPA for name in names]
+        lines.append(f"| {topic.removeprefix('topic:')} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _targets_markdown(check: dict[str, Any]) -> list[str]:

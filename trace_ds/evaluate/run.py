@@ -26,8 +26,9 @@ from trace_ds.config import (
     check_vocab_tile,
     resolve_deepspeed_option,
 )
-from trace_ds.data.pairs import pair_from_record, read_pairs
+from trace_ds.data.pairs import pair_from_record, prompt_key, read_pairs
 from trace_ds.data.tokenize import TokenizeConfig
+from trace_ds.evaluate.degeneracy import degenerate_reason
 from trace_ds.evaluate.metrics import (
     HeadSettings,
     generate,
@@ -247,20 +248,6 @@ class EvalConfig:
             raise TraceError("--max-new-tokens and --batch-size must be at least 1")
 
 
-def prompt_key(prompt: Any) -> str:
-    """Prompts compared for deduplication: text (a conversation as its transcript), case and spaces folded."""
-    from trace_ds.data.tokenize import plain_transcript
-
-    text = (
-        prompt
-        if isinstance(prompt, str)
-        else plain_transcript(prompt)
-        if isinstance(prompt, list)
-        else str(prompt)
-    )
-    return " ".join(text.lower().split())
-
-
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """One process, or every rank of a ``deepspeed`` launch (sharded, the same calls on every rank, results
     gathered; rank 0 writes). Returns the metrics (on every rank)."""
@@ -335,6 +322,7 @@ def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
                     "prompt": p["prompt"],
                     "response": r,
                     "compliant": ok,
+                    "degenerate": degenerate_reason(r),
                     "shifted": p.get("shifted"),
                 }
                 for p, r, ok in zip(prompts, responses, compliant, strict=True)

@@ -410,6 +410,9 @@ def _backward(
         else:
             with _plain(plan):
                 state.scores += _own_scores(call, inputs, cots, own, g_full, batched, stats)
+        if state.norms is not None and cots:
+            with _plain(plan):
+                _own_norms(call, inputs, cots, own, batched)
         state.touched.update(id(p) for _, p in own)
     return grad_x
 
@@ -553,20 +556,19 @@ def _scores_vmap(
     return scores
 
 
-def _scores_rows(
+def _row_grads(
     call: _Call,
     inputs: list[torch.Tensor],
     cots: list[tuple[int, torch.Tensor, torch.Tensor]],
     own: list[tuple[str, nn.Parameter]],
-    g_full: list[torch.Tensor],
     batched: list[torch.Tensor] | None,
-) -> torch.Tensor:
-    """One row at a time with plain autograd: <grad of the row's output . delta, G>."""
+) -> Iterator[tuple[int, tuple[torch.Tensor | None, ...]]]:
+    """One row at a time with plain autograd: (row, gradient of the row's outputs . delta w.r.t. each own
+    parameter), for the rows whose outputs carry a gradient."""
     plan = call.plan
     rows, length, layouts = _row_layouts(call, inputs)
     params = [p for _, p in own]
     batched = _batched_outputs(call, inputs, batched)
-    scores = torch.zeros(rows, dtype=torch.float32, device=cots[0][2].device)
     for r in range(rows):
         with torch.enable_grad():
             outs = call.run(
@@ -582,9 +584,21 @@ def _scores_rows(
                     pairs.append((outs[i], _row(masked, call.layouts[i], r, length)))
             if not pairs:
                 continue
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True
-            )
+            yield r, torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True)
+
+
+def _scores_rows(
+    call: _Call,
+    inputs: list[torch.Tensor],
+    cots: list[tuple[int, torch.Tensor, torch.Tensor]],
+    own: list[tuple[str, nn.Parameter]],
+    g_full: list[torch.Tensor],
+    batched: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """One row at a time with plain autograd: <grad of the row's output . delta, G>."""
+    rows, _ = _shape(call.plan.state)
+    scores = torch.zeros(rows, dtype=torch.float32, device=cots[0][2].device)
+    for r, grads in _row_grads(call, inputs, cots, own, batched):
         scores[r] = sum(
             (
                 (grad.float() * g.float()).sum()
@@ -594,6 +608,37 @@ def _scores_rows(
             torch.zeros((), device=scores.device),
         )
     return scores
+
+
+def _own_norms(
+    call: _Call,
+    inputs: list[torch.Tensor],
+    cots: list[tuple[int, torch.Tensor, torch.Tensor]],
+    own: list[tuple[str, nn.Parameter]],
+    batched: list[torch.Tensor] | None,
+) -> None:
+    """Each pair's gradient of the module's own parameters, formed (the fallback's modules are small: per-pair
+    gradients of their parameters are affordable) from per-row gradients, squared into the pair norms."""
+    norms = call.plan.state.norms
+    assert norms is not None
+    tied = [name for name, p in own if id(p) in norms.tied]
+    if tied:
+        raise TraceError(
+            f"gradient norms: {call.plan.where}'s {', '.join(tied)} is tied to another module's weight and runs "
+            "on the generic path, where the cross term of a tied weight is not implemented; score with "
+            "--score-metric dot"
+        )
+    sums: dict[tuple[int, int], torch.Tensor] = {}
+    for r, grads in _row_grads(call, inputs, cots, own, batched):
+        pair = int(norms.pair_of_row[r])
+        for k, grad in enumerate(grads):
+            if grad is not None:
+                key = (pair, k)
+                sums[key] = sums[key] + grad.double() if key in sums else grad.double()
+    per_pair = torch.zeros(norms.n_pairs, dtype=torch.float64, device=norms.squared.device)
+    for (pair, _), total in sums.items():
+        per_pair[pair] += total.square().sum()
+    norms.squared += per_pair
 
 
 def _check_rows_once(call: _Call, inputs: list[torch.Tensor], batched: list[torch.Tensor] | None) -> None:

@@ -30,6 +30,7 @@ import ast
 import contextlib
 import functools
 import inspect
+import math
 import os
 import textwrap
 from collections.abc import Callable, Iterator
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trace_ds.io import TraceError
+from trace_ds.scoring.norms import PairNorms
 
 Mode = Literal["probe", "score"]
 CHECKS_ENV = "TRACE_DS_GHOST_CHECKS"
@@ -112,6 +114,10 @@ class ProbeGradient:
             for key in list(self.tensors):  # one tensor at a time: never a whole second copy of G
                 self.tensors[key] = self.tensors[key].to(dtype)
 
+    def squared_norm(self) -> float:
+        """||G||^2 over every entry (a partitioned store sums its ranks' shards)."""
+        return math.fsum(float(t.double().square().sum()) for t in self.tensors.values())
+
     def scale_(self, factor: float) -> None:
         for tensor in self.tensors.values():
             tensor.mul_(factor)
@@ -138,6 +144,10 @@ class GhostState:
     names: dict[int, str] = field(default_factory=dict)  # module id -> its name in the model (messages)
     # the kernel's offsets check costs one host sync per layer: off unless TRACE_DS_GHOST_CHECKS=1 (tests)
     check_offsets: bool = field(default_factory=lambda: os.environ.get(CHECKS_ENV, "") == "1")
+    # per-pair squared gradient norms of a score pass (scoring/norms.py), None when not asked for
+    norms: PairNorms | None = None
+    # parameters owned by several ghost-routed modules (a tied embedding and head): names of their owners
+    shared: dict[int, list[str]] = field(default_factory=dict)
 
     def set_batch(self, attention_mask: torch.Tensor) -> None:
         flat = attention_mask.reshape(-1)
@@ -226,6 +236,11 @@ class GhostState:
         assert self.token_index is not None
         mask = torch.zeros(rows * length, dtype=torch.bool, device=self.token_index.device)
         return mask.index_fill_(0, self.token_index, True)
+
+    def token_rows(self) -> torch.Tensor:
+        """(T,) the batch row of each real token, in the order :meth:`select` keeps them."""
+        assert self.token_index is not None
+        return self.token_index // self._batch()[1]
 
     def offsets(self) -> torch.Tensor:
         assert self.lengths is not None
@@ -319,6 +334,12 @@ class _GhostLinear(torch.autograd.Function):
                     state.add_linear_scores(a, d, state.store.full(weight))
                 if _param_needs(bias):
                     state.add_token_scores(d.float().matmul(state.store.full(bias).float()))
+            if state.norms is not None:  # in either mode: the probe's own pairs' norms too (--probe-normalize)
+                rows = state.token_rows()
+                if _param_needs(weight):
+                    state.norms.add_linear(weight, a, d, rows)
+                if _param_needs(bias):
+                    state.norms.add_vector(d.float(), rows)
             state.touched.update(id(p) for p in (weight, bias) if _param_needs(p))
         return grad_x, None, None, None
 
@@ -332,6 +353,9 @@ class _GhostEmbedding(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(ids)
         ctx.weight, ctx.padding_idx, ctx.state = weight, padding_idx, state
+        if state.norms is not None and state.token_index is not None:  # a tied head's cross term needs them
+            state.norms.input_ids = ids.reshape(-1).index_select(0, state.token_index)
+            state.norms.token_rows = state.token_rows()
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -353,6 +377,9 @@ class _GhostEmbedding(torch.autograd.Function):
                 if padding_idx is not None:
                     per_token = per_token.masked_fill(rows == padding_idx, 0.0)
                 state.add_token_scores(per_token)
+            if state.norms is not None:
+                kept = d if padding_idx is None else d.masked_fill((rows == padding_idx)[:, None], 0.0)
+                state.norms.add_embedding(rows, kept, state.token_rows(), weight, _full_shape(weight)[0])
             state.touched.add(id(weight))
         return None, None, None, None
 
@@ -536,6 +563,8 @@ class _GhostNorm(torch.autograd.Function):
                 state.store.add(weight, dn.sum((0, 1)))
             else:
                 state.add_token_scores(dn.sum(1).matmul(state.store.full(weight).float()))
+            if state.norms is not None:
+                state.norms.add_vector(dn.sum(1), state.token_rows())
             state.touched.add(id(weight))
         return grad_x, None, None, None, None, None
 
@@ -616,6 +645,7 @@ def ghost_mode(model: nn.Module, state: GhostState) -> Iterator[list[nn.Paramete
     parameters covered (each once, tied ones included once) and restores the original forwards on exit."""
     patched: list[tuple[nn.Module, Any]] = []
     covered: dict[int, nn.Parameter] = {}
+    owners: dict[int, list[str]] = {}
     try:
         for name, module in model.named_modules():
             state.names[id(module)] = name
@@ -628,6 +658,8 @@ def ghost_mode(model: nn.Module, state: GhostState) -> Iterator[list[nn.Paramete
             for param in module.parameters(recurse=False):
                 if param.requires_grad:
                     covered[id(param)] = param
+                    owners.setdefault(id(param), []).append(name)
+        state.shared = {key: names for key, names in owners.items() if len(names) > 1}
         trainable = {id(p): p for p in model.parameters() if p.requires_grad}
         if covered.keys() != trainable.keys():
             raise TraceError("internal: ghost coverage differs from the trainable parameters")

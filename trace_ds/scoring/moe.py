@@ -225,5 +225,8 @@ class _GhostExperts(torch.autograd.Function):
                 offsets = row_offsets(token[keep] // length, rows)
                 for (_, a, d), g_expert in zip(terms, g, strict=True):
                     state.add_linear_scores(a, d, g_expert, offsets)
+            if state.norms is not None:  # one expert's slice: disjoint entries, their squares add
+                for _, a, d in terms:
+                    state.norms.add_matrix(a, d, token[keep] // length)
         state.touched.update(id(p) for p in scored)
         return grad_hidden, None, grad_weights, None, None, None, None

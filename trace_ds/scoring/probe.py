@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from trace_ds.data.pairs import Pair
+from trace_ds.data.pairs import Pair, prompt_key
 from trace_ds.io import TraceError
 
 
@@ -24,13 +24,27 @@ def category_of(pair: Pair) -> str:
     return category
 
 
-def build_probe(pairs: list[Pair], size: int, seed: int) -> list[Pair]:
-    """Algorithm 2. Raises when a category is too small for its share, naming what is missing."""
+SUPPRESSION_SOURCES = ("pool", "same-prompt", "drop")
+
+
+def build_probe(pairs: list[Pair], size: int, seed: int, suppression: str = "pool") -> list[Pair]:
+    """Algorithm 2 (``suppression="pool"``) or a variant whose suppression-derived pairs are right for their
+    prompt. Raises when a category is too small for its share, naming what is missing.
+
+    ``pool``: each sampled suppression prompt gets a compliant response drawn from the whole pool, as the paper
+    does; that response usually answers another prompt, and under the new policy it may well violate it for
+    this one (13 of 20 did in one synthetic seed). ``same-prompt``: only suppression prompts that also occur in
+    a retention or inversion pair, each with that pair's compliant response (judged for this very prompt).
+    ``drop``: no suppression third; half retention, half inversion."""
+    if suppression not in SUPPRESSION_SOURCES:
+        raise TraceError(f"--probe-suppression {suppression!r}: use {', '.join(SUPPRESSION_SOURCES)}")
     if size < 3:
         raise TraceError(f"--probe-size {size}: must be at least 3 (one pair per category)")
     by_category: dict[str, list[Pair]] = {"inversion": [], "suppression": [], "retention": []}
     for pair in pairs:
         by_category[category_of(pair)].append(pair)
+    if suppression != "pool":
+        return _probe_judged_for_its_prompt(by_category, size, seed, suppression)
     need = _probe_shares(size)
     for name, count in need.items():
         if len(by_category[name]) < count:
@@ -56,6 +70,35 @@ def build_probe(pairs: list[Pair], size: int, seed: int) -> list[Pair]:
     probe = [_probe_record(p, p.chosen, p.rejected, p.id) for p in retention + inversion]
     for pair in suppression:
         probe.append(_probe_record(pair, rng.choice(pool), pair.chosen, pair.id, prefix="probe-"))
+    return probe
+
+
+def _probe_judged_for_its_prompt(
+    by_category: dict[str, list[Pair]], size: int, seed: int, suppression: str
+) -> list[Pair]:
+    """The variants of :func:`build_probe` whose every chosen response was judged compliant for its own
+    prompt."""
+    compliant: dict[str, list[object]] = {}
+    for pair in by_category["retention"] + by_category["inversion"]:
+        compliant.setdefault(prompt_key(pair.prompt), []).append(pair.chosen)
+    eligible = [p for p in by_category["suppression"] if prompt_key(p.prompt) in compliant]
+    third = size // 3 if suppression == "same-prompt" else 0
+    n_suppression = min(third, len(eligible))
+    rest = size - n_suppression
+    need = {"retention": rest // 2, "inversion": rest - rest // 2}
+    for name, count in need.items():
+        if len(by_category[name]) < count:
+            raise TraceError(
+                f"--probe-size {size} with --probe-suppression {suppression} needs {count} {name} pairs but the "
+                f"triaged file has {len(by_category[name])}; lower --probe-size"
+            )
+    rng = random.Random(seed)
+    retention = rng.sample(by_category["retention"], need["retention"])
+    inversion = rng.sample(by_category["inversion"], need["inversion"])
+    probe = [_probe_record(p, p.chosen, p.rejected, p.id) for p in retention + inversion]
+    for pair in rng.sample(eligible, n_suppression):
+        chosen = rng.choice(compliant[prompt_key(pair.prompt)])
+        probe.append(_probe_record(pair, chosen, pair.chosen, pair.id, prefix="probe-"))
     return probe
 
 

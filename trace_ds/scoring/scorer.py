@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,31 +29,10 @@ from trace_ds.io import TraceError, append_lines, dumps, iter_jsonl_lenient, wri
 from trace_ds.losses import conflict_losses
 from trace_ds.scoring.fallback import report_fallback
 from trace_ds.scoring.ghost import GhostState, ProbeGradient, check_coverage, ghost_mode, names_listing
+from trace_ds.scoring.norms import PairNorms
 from trace_ds.scoring.probe import build_probe, category_of, probe_source_ids
+from trace_ds.scoring.weights import CONFLICT, Scored, Weighting, assign_weights
 from trace_ds.vocab_head import check_head
-
-CONFLICT = ("inversion", "suppression", "unlearning")  # unlearning: the w/o-triage baseline
-
-
-@dataclass
-class Scored:
-    id: str
-    category: str
-    raw_score: float | None  # None for a --probe-holdout pair: not scored (its own score would be biased)
-    weight: float = 0.0
-    probe_holdout: bool = False
-
-    def record(self) -> dict[str, Any]:
-        """The scores-file line; a held-out pair is marked ``"probe_holdout": true``."""
-        out: dict[str, Any] = {
-            "id": self.id,
-            "category": self.category,
-            "raw_score": self.raw_score,
-            "weight": self.weight,
-        }
-        if self.probe_holdout:
-            out["probe_holdout"] = True
-        return out
 
 
 def batch_logps(
@@ -108,11 +87,13 @@ class GhostScorer:
         self,
         pairs: Sequence[TokenizedPair],
         categories: Sequence[str],
-        weight: float,
+        weight: float | Sequence[float],
         reference: Any = None,
+        norms: bool = False,
     ) -> torch.Tensor:
         """One ghost forward + backward. ``reference``: None at theta_ref, else ``fn(model)`` running on the
-        frozen reference (the trainer's ``with_reference``), whose log-probs the losses are relative to."""
+        frozen reference (the trainer's ``with_reference``), whose log-probs the losses are relative to.
+        ``norms``: also every pair's squared gradient norm, into ``self.state.norms`` (scoring/norms.py)."""
         batch = collate_pairs(pairs, self.pad_id).to(self.device)
         ref_logps = None
         if reference is not None:  # before ghost mode: the reference's calls are no part of the ghost pass
@@ -123,18 +104,27 @@ class GhostScorer:
                     )
                 )
         self.state.set_batch(batch.attention_mask)
+        n = len(pairs)
+        self.state.norms = (
+            PairNorms(torch.arange(2 * n, device=self.device) % n, n, self.kernel) if norms else None
+        )
         for param in self.model.parameters():  # a .grad after the backward: a use outside ghost paths
             if param.requires_grad:
                 param.grad = None
         with ghost_mode(self.model, self.state) as covered, torch.enable_grad():
             self.covered = covered
+            if self.state.norms is not None:
+                self.state.norms.tied = tied_embedding_and_head(self.model, self.state.shared)
             chosen, rejected = batch_logps(
                 self.model, batch, self.config.vocab_tile, self.config.logp_reduction
             )
             losses = pair_losses(
                 chosen, rejected, categories, self.config.relational, self.config.beta, ref_logps
             )
-            (losses.sum() * weight).backward()
+            if isinstance(weight, (int, float)):
+                (losses.sum() * weight).backward()
+            else:  # one weight per pair (a unit-normalised probe)
+                (losses * torch.tensor(weight, dtype=losses.dtype, device=losses.device)).sum().backward()
         check_coverage(self.model, self.state)
         assert self.state.scores is not None
         return self.state.scores
@@ -143,11 +133,24 @@ class GhostScorer:
     def covered_numel(self) -> int:
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.covered)
 
-    def probe_step(self, pairs: Sequence[TokenizedPair], weight: float, reference: Any = None) -> None:
-        """Add ``weight`` * grad of the summed relational losses of ``pairs`` to G (weight 0: a dummy step)."""
+    def probe_step(
+        self,
+        pairs: Sequence[TokenizedPair],
+        weight: float | Sequence[float],
+        reference: Any = None,
+        norms: bool = False,
+    ) -> list[float] | None:
+        """Add ``weight`` * grad of the summed relational losses of ``pairs`` to G (weight 0: a dummy step; a
+        sequence: one weight per pair). ``norms``: also return each pair's gradient norm ||grad L_j||."""
         self.state.mode = "probe"
         # J is the relational loss on every probe pair
-        self._run(pairs, ["inversion"] * len(pairs), weight, reference)
+        self._run(pairs, ["inversion"] * len(pairs), weight, reference, norms=norms)
+        if not norms:
+            return None
+        assert self.state.norms is not None
+        out = self.state.norms.squared.clamp_min(0.0).sqrt().tolist()
+        self.state.norms = None
+        return out
 
     def probe_gradient(self, probe: Sequence[TokenizedPair], total: int | None = None) -> ProbeGradient:
         """G = grad of J = (sum of relational losses over the probe) / B, at the loaded weights."""
@@ -187,6 +190,38 @@ class GhostScorer:
         n = len(pairs)
         return (rows[:n].double() + rows[n:].double()).tolist()
 
+    def score_with_norms(
+        self, pairs: Sequence[TokenizedPair], categories: Sequence[str], reference: Any = None
+    ) -> tuple[list[float], list[float]]:
+        """Raw scores and gradient norms ||grad L_i|| of one micro-batch, from the same ghost backward."""
+        self.state.mode = "score"
+        rows = self._run(pairs, categories, 1.0, reference, norms=True)
+        n = len(pairs)
+        assert self.state.norms is not None
+        squared = self.state.norms.squared.clamp_min(0.0)  # exact up to rounding: never below 0
+        self.state.norms = None
+        return (rows[:n].double() + rows[n:].double()).tolist(), squared.sqrt().tolist()
+
+    def probe_norm(self) -> float:
+        """||G|| over every trainable parameter (summed over ranks' shards under ZeRO-3)."""
+        return math.sqrt(max(0.0, self.state.store.squared_norm()))
+
+
+def tied_embedding_and_head(model: nn.Module, shared: dict[int, list[str]]) -> set[int]:
+    """The parameters ghost norms may see used twice: an embedding's weight tied to the LM head (their cross
+    term is implemented). Any other parameter used by several modules is refused, naming them."""
+    modules = dict(model.named_modules())
+    tied = set()
+    for key, owners in shared.items():
+        kinds = [isinstance(modules.get(name), nn.Embedding) for name in owners]
+        if len(owners) != 2 or sum(kinds) != 1:
+            raise TraceError(
+                f"gradient norms: one parameter is used by {', '.join(owners)}; only an embedding tied to the LM "
+                "head is supported (its cross term); score with --score-metric dot, which needs no norms"
+            )
+        tied.add(key)
+    return tied
+
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
     """``auto``: Triton on CUDA, the torch reference elsewhere. ``triton`` on CPU needs TRITON_INTERPRET=1."""
@@ -203,50 +238,9 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
 
 def normalize_weights(scored: list[Scored], mode: str, allow_empty: bool) -> None:
-    """max(0, raw), then mean 1 within each conflict category (default) or sum 1 over all (joint, the paper).
-
-    A ``--probe-holdout`` pair (``raw_score`` None) counts as the mean clamped score of the scored pairs of its
-    category, so it gets that category's mean weight (1 per-category) and the normalisation covers every pair.
-    """
-    mean_clamped: dict[str, float] = {}
-    for category in CONFLICT:
-        values = [max(0.0, s.raw_score) for s in scored if s.category == category and s.raw_score is not None]
-        if values:
-            mean_clamped[category] = math.fsum(values) / len(values)
-    for s in scored:
-        if s.raw_score is None and s.category not in mean_clamped:
-            raise TraceError(
-                f"--probe-holdout holds out every {s.category} pair, so none is left to score and the held-out "
-                "ones have no category mean to take; lower --probe-size or pass a curated --probe file"
-            )
-
-    def clamped_value(s: Scored) -> float:
-        return mean_clamped[s.category] if s.raw_score is None else max(0.0, s.raw_score)
-
-    groups = (
-        {c: [s for s in scored if s.category == c] for c in CONFLICT}
-        if mode == "per-category"
-        else {"all": scored}
-    )
-    for name, group in groups.items():
-        if not group:
-            continue
-        clamped = [clamped_value(s) for s in group]
-        total = math.fsum(clamped)
-        if total <= 0.0:
-            if not allow_empty:
-                raise TraceError(
-                    f"every {name} score is <= 0: no {name} pair lowers the probe loss to first order, so that "
-                    "category would get no update. Check the probe (does it cover this category? a larger --probe-size or "
-                    "a curated --probe file); --beta only rescales the scores at the reference weights, so it "
-                    "cannot change their sign. Or pass --allow-empty to continue with zero weights"
-                )
-            for s in group:
-                s.weight = 0.0
-            continue
-        scale = len(group) / total if mode == "per-category" else 1.0 / total
-        for s, value in zip(group, clamped, strict=True):
-            s.weight = value * scale
+    """The paper's map on raw scores: max(0, raw), then mean 1 within each conflict category (default) or sum 1
+    over all (joint). :func:`trace_ds.scoring.weights.assign_weights` with the default weighting."""
+    assign_weights(scored, Weighting(normalize=mode), allow_empty)
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
@@ -261,11 +255,34 @@ def output_paths(out: str | Path) -> dict[str, Path]:
     }
 
 
-def load_partial(path: Path, fingerprint: dict[str, Any]) -> dict[str, float]:
-    """Raw scores finished by an earlier run of the same settings (a torn last line is ignored)."""
+def _scored(pair_id: str, category: str, result: tuple[float, float | None], probe_norm: float) -> Scored:
+    raw, norm = result
+    cosine = None if norm is None else (raw / (norm * probe_norm) if norm > 0 and probe_norm > 0 else 0.0)
+    return Scored(pair_id, category, raw, grad_norm=norm, cosine=cosine)
+
+
+def _probe_pair_norms(
+    scorer: GhostScorer, strategy: Any, probe: list[TokenizedPair], dummy: list[TokenizedPair], micro_batch: int
+) -> list[float]:
+    """||grad L_j|| of every probe pair (ghost norms, sharded over ranks, gathered), in probe order."""
+    mine: list[tuple[int, float]] = []
+    for chunk in strategy.shard(list(enumerate(probe)), micro_batch):
+        if chunk is None:
+            scorer.probe_step(dummy, 0.0, norms=True)
+            continue
+        norms = scorer.probe_step([t for _, t in chunk], 0.0, norms=True)
+        assert norms is not None
+        mine += [(i, n) for (i, _), n in zip(chunk, norms, strict=True)]
+    found = dict(item for part in strategy.all_gather_object(mine) for item in part)
+    return [found[i] for i in range(len(probe))]
+
+
+def load_partial(path: Path, fingerprint: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
+    """Raw scores (and gradient norms) finished by an earlier run of the same settings (a torn last line is
+    ignored)."""
     if not path.exists():
         return {}
-    done: dict[str, float] = {}
+    done: dict[str, tuple[float, float | None]] = {}
     lines = iter_jsonl_lenient(path)
     header = next(lines, None)
     if header is None or not isinstance(header[1], dict) or header[1].get("settings") != fingerprint:
@@ -273,9 +290,12 @@ def load_partial(path: Path, fingerprint: dict[str, Any]) -> dict[str, float]:
             f"{path}: partial scores from different settings; rerun with the same options, or delete it to start over"
         )
     for _, record in lines:
-        if isinstance(record, dict) and "id" in record and "raw_score" in record:
-            done[record["id"]] = float(record["raw_score"])
-    write_jsonl(path, [header[1], *({"id": k, "raw_score": v} for k, v in done.items())])
+        # a line without its gradient norm (written before norms were scored) is scored again
+        if isinstance(record, dict) and "id" in record and "raw_score" in record and record.get("grad_norm") is not None:
+            done[record["id"]] = (float(record["raw_score"]), float(record["grad_norm"]))
+    write_jsonl(
+        path, [header[1], *({"id": k, "raw_score": v, "grad_norm": n} for k, (v, n) in done.items())]
+    )
     return done
 
 
@@ -306,7 +326,11 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
     pairs = pair_set.pairs
     categories = [category_of(p) for p in pairs]
     built = config.probe is None
-    probe = build_probe(pairs, config.probe_size, config.seed) if built else read_pairs(config.probe).pairs
+    probe = (
+        build_probe(pairs, config.probe_size, config.seed, config.probe_suppression)
+        if built
+        else read_pairs(config.probe).pairs
+    )
     held_out = probe_source_ids(probe) if config.probe_holdout else set()
     conflict = [(p, c) for p, c in zip(pairs, categories, strict=True) if c in CONFLICT]
     targets = [(p, c) for p, c in conflict if p.id not in held_out]
@@ -346,10 +370,20 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
     probe_tokens = tokenize_all(probe, tokenizer, config)
     dummy = probe_tokens[:1]
     t0 = time.perf_counter()
-    scorer.state.mode = "probe"
-    for chunk in strategy.shard(probe_tokens, config.micro_batch):
-        scorer.probe_step(chunk or dummy, 1.0 / len(probe_tokens) if chunk else 0.0)
+    probe_weights = [1.0 / len(probe_tokens)] * len(probe_tokens)  # J: the mean relational loss
+    probe_norms: list[float] | None = None
+    if config.probe_normalize == "unit":  # a first pass for ||g_j||, then G from g_j / ||g_j||
+        probe_norms = _probe_pair_norms(scorer, strategy, probe_tokens, dummy, config.micro_batch)
+        scorer.state.store = strategy.probe_store() or ProbeGradient()
+        probe_weights = [0.0 if n == 0.0 else 1.0 / (len(probe_tokens) * n) for n in probe_norms]
+    indexed = list(enumerate(probe_tokens))
+    for chunk in strategy.shard(indexed, config.micro_batch):
+        if chunk is None:
+            scorer.probe_step(dummy, 0.0)
+        else:
+            scorer.probe_step([t for _, t in chunk], [probe_weights[i] for i, _ in chunk])
     scorer.finish_probe()
+    probe_norm = scorer.probe_norm()  # a collective under ZeRO-3: every rank
     probe_seconds = time.perf_counter() - t0
 
     if strategy.is_main and not paths["partial"].exists():
@@ -360,21 +394,23 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
         _partial_sink(paths["partial"], strategy.is_main) as sink,
         progress("scoring", len(targets), completed=len(done), unit="pair", visible=strategy.is_main) as bar,
     ):
-        mine: list[tuple[str, float]] = []
+        mine: list[tuple[str, tuple[float, float]]] = []
         for count, chunk in enumerate(steps, start=1):
             if chunk is None:
-                scorer.score(dummy, ["inversion"])  # keeps every rank's module calls in step
+                scorer.score_with_norms(dummy, ["inversion"])  # keeps every rank's module calls in step
             else:
-                raw = scorer.score(
+                raw, norms = scorer.score_with_norms(
                     [tokenize_pair(p, tokenizer, config.tokenize) for p, _ in chunk], [c for _, c in chunk]
                 )
-                mine += [(pair.id, value) for (pair, _), value in zip(chunk, raw, strict=True)]
+                mine += [(pair.id, (v, n)) for (pair, _), v, n in zip(chunk, raw, norms, strict=True)]
             if count % config.save_every == 0 or count == len(steps):
                 finished = [item for part in strategy.all_gather_object(mine) for item in part]
                 mine = []
                 done.update(finished)
                 if sink is not None:
-                    append_lines(sink, (dumps({"id": i, "raw_score": v}) for i, v in finished))
+                    append_lines(
+                        sink, (dumps({"id": i, "raw_score": v, "grad_norm": n}) for i, (v, n) in finished)
+                    )
                 bar.update(completed=len(done))
     score_seconds = time.perf_counter() - t0
     fallback = report_fallback(scorer.state, strategy.is_main)  # modules on the generic path, their cost
@@ -384,10 +420,10 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
         # Every conflict pair gets a line, in input order: a --probe-holdout pair is not scored (raw_score
         # null) and takes its category's mean weight, so the trainer finds a weight for every pair.
         scored = [
-            Scored(p.id, c, None, probe_holdout=True) if p.id in held_out else Scored(p.id, c, done[p.id])
+            Scored(p.id, c, None, probe_holdout=True) if p.id in held_out else _scored(p.id, c, done[p.id], probe_norm)
             for p, c in conflict
         ]
-        normalize_weights(scored, config.normalize, config.allow_empty)
+        assign_weights(scored, config.weighting_choice(), config.allow_empty)
         if built:
             write_pairs(paths["probe"], probe)
         write_rejects(config.out, pair_set.rejects)
@@ -396,6 +432,9 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
         meta = _metadata(
             config, paths, probe, built, scorer, strategy, len(targets), held, len(pair_set.rejects)
         )
+        meta["probe_norm"] = probe_norm
+        if probe_norms is not None:
+            meta["probe_pair_norms"] = {"min": min(probe_norms), "max": max(probe_norms)}
         meta["timings"] = {
             "probe_gradient_s": round(probe_seconds, 3),
             "scoring_s": round(score_seconds, 3),
@@ -433,6 +472,12 @@ def _metadata(
         "beta": config.beta,
         "logp_reduction": config.logp_reduction,
         "normalize": config.normalize,
+        "score_metric": config.score_metric,
+        "weighting": config.weighting,
+        "weight_alpha": config.weight_alpha,
+        "weight_min": config.weight_min,
+        "probe_normalize": config.probe_normalize,
+        "probe_suppression": config.probe_suppression if built else None,
         "kernel": scorer.kernel,
         "dtype": config.dtype,
         "gradient_checkpointing": config.gradient_checkpointing,

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from .policies import STYLE_FLAGS, TOPICS, Flags, rule_for
 
 JUDGE_NAME = "synth-rule"
-JUDGE_VERSION = 1  # bumped whenever the rule changes: cached evaluations are keyed on it
+# Bumped whenever the rule changes: cached evaluations are keyed on it. 2: a degenerate generation (empty,
+# looping, role-play: trace_ds/evaluate/degeneracy.py) violates whatever its markers say.
+JUDGE_VERSION = 2
 MIN_CONTENT_WORDS = 3
 REFUSAL_MARKERS: tuple[str, ...] = (
     "i'm sorry",
@@ -119,9 +121,12 @@ def classify_style(flags: Flags) -> str | None:
 
 def judge_response(prompt: str, response: str) -> RuleVerdict:
     """Judge one response against the NEW policy's rule for the prompt's detected topic."""
+    from trace_ds.evaluate.degeneracy import degenerate_reason
+
     topic = detect_topic(prompt)
     flags = detect_flags(response)
-    failures = rule_for(topic).failures(flags)
+    broken = degenerate_reason(response)
+    failures = [f"degenerate: {broken}"] if broken else rule_for(topic).failures(flags)
     where = f"topic {topic}" if topic is not None else "no topic detected (default rule)"
     reason = f"{where}: " + ("violates: " + ", ".join(failures) if failures else "complies")
     return RuleVerdict(
