@@ -134,18 +134,8 @@ def ghost_scores(
     cfg: ScoreConfig | None = None,
     pad_id: int = 0,
 ) -> list[float]:
-    """Raw scores from the ghost scorer, micro-batch by micro-batch."""
-    from trace_ds.scoring.scorer import GhostScorer
-
-    cfg = cfg or score_config()
-    scorer = GhostScorer(model, pad_id=pad_id, config=cfg)
-    scorer.probe_gradient(probe)
-    out: list[float] = []
-    for start in range(0, len(pairs), cfg.micro_batch):
-        out += scorer.score(
-            pairs[start : start + cfg.micro_batch], categories[start : start + cfg.micro_batch]
-        )
-    return out
+    """Raw scores from the ghost scorer (its pass without norms), micro-batch by micro-batch."""
+    return _ghost_pass(model, probe, pairs, categories, cfg, pad_id, norms=False)[0]
 
 
 def ghost_scores_and_norms(
@@ -157,20 +147,26 @@ def ghost_scores_and_norms(
     pad_id: int = 0,
 ) -> tuple[list[float], list[float], float]:
     """Raw scores, ghost gradient norms ||g_i|| and ||G|| from the ghost scorer, micro-batch by micro-batch."""
+    return _ghost_pass(model, probe, pairs, categories, cfg, pad_id, norms=True)
+
+
+def _ghost_pass(model, probe, pairs, categories, cfg, pad_id: int, norms: bool):  # type: ignore[no-untyped-def]
     from trace_ds.scoring.scorer import GhostScorer
 
     cfg = cfg or score_config()
     scorer = GhostScorer(model, pad_id=pad_id, config=cfg)
     scorer.probe_gradient(probe)
     scores: list[float] = []
-    norms: list[float] = []
+    grad_norms: list[float] = []
     for start in range(0, len(pairs), cfg.micro_batch):
-        got = scorer.score_with_norms(
-            pairs[start : start + cfg.micro_batch], categories[start : start + cfg.micro_batch]
-        )
-        scores += got[0]
-        norms += got[1]
-    return scores, norms, scorer.probe_norm()
+        chunk, cats = pairs[start : start + cfg.micro_batch], categories[start : start + cfg.micro_batch]
+        if norms:
+            got, got_norms = scorer.score_with_norms(chunk, cats)
+            grad_norms += got_norms
+        else:
+            got = scorer.score(chunk, cats)
+        scores += got
+    return scores, grad_norms, scorer.probe_norm()
 
 
 def reference_loss(model, pair: TokenizedPair, category: str, cfg: ScoreConfig) -> torch.Tensor:

@@ -102,3 +102,41 @@ def test_aggregates_are_the_mean_of_the_runs(study: dict) -> None:
         values = [r["tpa_all"] for r in rows if r["tpa_all"] is not None]
         assert entry["tpa_all"]["n"] == len(values) == 2
         assert math.isclose(entry["tpa_all"]["mean"], sum(values) / 2, abs_tol=1e-12)
+
+
+def test_the_weighting_screen_and_confirmation_run_at_ci_size(study: dict) -> None:
+    """`trace-ds study --screen --quick` then `--confirm` (issue 21) in the quick study's folder: every
+    combination x learning rate a point with its own evaluation, per-topic TPA and weight shares; uniform
+    weights are uniform; the confirmation pairs each combination with uniform by seed."""
+    out = study["out"]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    confirm = ["--confirm", "standardized-cosine-unit/ipo", "--seeds", "0,1", "--lrs", "0.002"]
+    for args in (["--screen"], confirm):
+        result = subprocess.run(
+            [sys.executable, "-m", "trace_ds.cli", "study", "--quick", "--out", str(out), *args],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    screen = json.loads((out / "screen" / "screen.json").read_text())
+    assert len(screen["points"]) == 2 * 2 and len(screen["ranking"]) == 2
+    assert (out / "screen" / "frontier.png").stat().st_size > 1000
+    for point in screen["points"]:
+        assert point["tpa_topics"] and 0.0 <= point["degenerate"] <= 1.0 and Path(point["metrics"]).exists()
+        shares = point["weight_share"]["inversion"]
+        assert math.isclose(sum(shares.values()), 1.0, rel_tol=1e-9)
+    assert len({p["metrics"] for p in screen["points"]}) == 4  # each point its own evaluation
+    uniform = next(p for p in screen["points"] if p["combo"] == "uniform/ipo")
+    weights = [json.loads(line)["weight"] for line in Path(uniform["scores"]).read_text().splitlines()]
+    assert weights and all(w == 1.0 for w in weights)
+    cosine = next(p for p in screen["points"] if p["combo"] == "standardized-cosine-unit/ipo")
+    meta = json.loads(Path(cosine["scores"]).with_name("scores.meta.json").read_text())
+    assert (meta["score_metric"], meta["weighting"], meta["probe_normalize"]) == ("cosine", "standardized", "unit")
+    text = (out / "screen" / "screen.md").read_text()
+    assert "## Ranking at matched utility" in text and "## TPA per topic" in text
+    report = json.loads((out / "confirm" / "confirm.json").read_text())
+    combos = {c["combo"] for c in report["cells"]}
+    assert combos == {"standardized-cosine-unit/ipo", "uniform/ipo"}
+    assert {c["noise"] for c in report["cells"]} == {0.0, 0.2}
+    assert len(report["points"]) == 2 * 2 * 2  # seeds x noise x combinations (one learning rate)

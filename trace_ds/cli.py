@@ -1216,8 +1216,33 @@ def demo(
 @click.option("--seeds", default=None, help="Comma-separated seeds (default 0,1,2; --quick 0,1).")
 @click.option("--noise", default=None, help="Comma-separated label-noise levels (default 0,0.1,0.2,0.3).")
 @click.option("--ranks", type=int, default=None, help="Ranks of each training launch (default 2; --quick 1).")
-def study(out: str, quick: bool, seeds: str | None, noise: str | None, ranks: int | None) -> None:
-    """The efficacy study: every arm over seeds, TRACE and naive DPO under label noise, one report."""
+@click.option(
+    "--screen",
+    is_flag=True,
+    help="The weighting screen: every weight map x metric x probe x head at every --lrs on the first seed, "
+    "ranked at matched utility (issue 21; hours at full size).",
+)
+@click.option(
+    "--confirm",
+    default=None,
+    metavar="COMBO,...",
+    help="Confirm these weighting combinations (and uniform) on every seed (default 0-4) at noise 0, 0.2, 0.3.",
+)
+@click.option("--lrs", default=None, help="Learning rates each combination is trained at (default 2.5e-4,5e-4,1e-3).")
+@click.option("--combos", default=None, help="--screen: only these combinations (default: all).")
+def study(
+    out: str,
+    quick: bool,
+    seeds: str | None,
+    noise: str | None,
+    ranks: int | None,
+    screen: bool,
+    confirm: str | None,
+    lrs: str | None,
+    combos: str | None,
+) -> None:
+    """The efficacy study: every arm over seeds, TRACE and naive DPO under label noise, one report. With
+    --screen or --confirm, the weighting study at matched utility (docs/results.md)."""
     from dataclasses import replace
 
     from trace_ds.determinism import pin_cpu_numerics
@@ -1237,7 +1262,45 @@ def study(out: str, quick: bool, seeds: str | None, noise: str | None, ranks: in
         config = replace(config, noise=levels)
     if ranks:
         config = replace(config, ranks=ranks)
+    if screen or confirm:
+        _weighting_study(config, quick, screen, confirm, lrs, combos, seeds, noise)
+        return
     run_study(config)
+
+
+def _weighting_study(
+    config: Any,
+    quick: bool,
+    screen: bool,
+    confirm: str | None,
+    lrs: str | None,
+    combos: str | None,
+    seeds: str | None,
+    noise: str | None,
+) -> None:
+    from dataclasses import replace
+
+    from trace_ds.study_weighting import (
+        CONFIRM_NOISE,
+        LRS,
+        QUICK_COMBOS,
+        all_combos,
+        combos_named,
+        run_confirm,
+        run_screen,
+    )
+
+    rates = tuple(float(x) for x in lrs.split(",")) if lrs else ((5e-4, 2e-3) if quick else LRS)
+    if screen:
+        chosen = combos_named(combos.split(",")) if combos else (combos_named(list(QUICK_COMBOS)) if quick else all_combos())
+        report = run_screen(config, rates, chosen)
+        console.print(f"screen: {Path(config.out) / 'screen' / 'screen.md'} ({report['seconds'] / 60:.1f} min)")
+    if confirm:
+        if not seeds:
+            config = replace(config, seeds=(0, 1) if quick else (0, 1, 2, 3, 4))
+        levels = tuple(float(x) for x in noise.split(",")) if noise else ((0.0, 0.2) if quick else CONFIRM_NOISE)
+        report = run_confirm(config, rates, combos_named(confirm.split(",")), levels)
+        console.print(f"confirm: {Path(config.out) / 'confirm' / 'confirm.md'} ({report['seconds'] / 60:.1f} min)")
 
 
 def run_cli() -> None:

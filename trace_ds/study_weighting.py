@@ -1,0 +1,376 @@
+"""``trace-ds study --screen`` / ``--confirm``: which impact weighting earns its cost, at matched utility.
+
+Issue 21's study. Every *combination* is a weight map x score metric x probe x relational head
+(``COMBOS``); each is trained at several learning rates (``--lrs``), because a weighting that only moves the
+model further (or less far) would otherwise win or lose on the learning rate, not on its choice of pairs. Each
+(combination, learning rate) is one point on the TPA vs stable-topic-perplexity plane; the arms are compared on
+that frontier at **matched utility**: a combination's score is its best TPA among the points whose stable-topic
+perplexity is within ``UTILITY_TOLERANCE`` of the old-policy model's.
+
+* ``--screen``: every combination x learning rate on one seed at noise 0 (the main study's seed folder is
+  shared: data, model and SFT are built once and cached); ranked at matched utility.
+* ``--confirm A,B,C``: those combinations and uniform weights at every seed (``--seeds``, default 0-4) and
+  label-noise level (0, 0.2, 0.3), each at every learning rate; per seed the matched-utility TPA, then mean and
+  95% t-interval over seeds, and each combination minus uniform, paired by seed.
+
+Both are ``trace-ds run`` pipelines: every stage is cached, so an interrupted study resumes where it stopped,
+and a changed setting reruns only what depends on it. Each writes a report (``screen.md`` / ``confirm.md``,
+``.json``, a frontier plot) with per-topic TPA, the degenerate share and each topic's share of the weight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trace_ds.console import console
+from trace_ds.io import read_json, write_json, write_text
+from trace_ds.study import T_975, StudyConfig, metric_values, pipeline_config
+
+UTILITY_TOLERANCE = 0.10  # a point may raise stable-topic perplexity by at most 10% over the old model's
+CONFIRM_NOISE = (0.0, 0.2, 0.3)
+LRS = (2.5e-4, 5e-4, 1e-3)  # around the demo's 5e-4
+PROBES = {  # name -> score overrides
+    "alg2": {},
+    "unit": {"probe_normalize": "unit"},
+    "unit-same-prompt": {"probe_normalize": "unit", "probe_suppression": "same-prompt"},
+}
+MAPS = ("paper", "standardized", "prune:0.25", "uniform")
+METRICS = ("dot", "cosine")
+HEADS = ("ipo", "dpo")
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One weighting combination: its name, the score settings it changes, and the relational head."""
+
+    name: str
+    score: dict[str, Any]
+    head: str
+
+    @property
+    def uniform(self) -> bool:
+        return self.score.get("weighting") == "uniform"
+
+
+def all_combos() -> list[Combo]:
+    """Every weight map x metric x probe x head; uniform weights do not depend on the metric or the probe,
+    so they appear once per head."""
+    combos = []
+    for head in HEADS:
+        combos.append(Combo(f"uniform/{head}", {"weighting": "uniform"}, head))
+        for weighting in MAPS[:-1]:
+            for metric in METRICS:
+                for probe, settings in PROBES.items():
+                    name = f"{weighting}-{metric}-{probe}/{head}"
+                    combos.append(
+                        Combo(name, {"weighting": weighting, "score_metric": metric, **settings}, head)
+                    )
+    return combos
+
+
+QUICK_COMBOS = ("standardized-cosine-unit/ipo", "uniform/ipo")  # --quick (CI): the code path, not evidence
+
+
+def combos_named(names: list[str]) -> list[Combo]:
+    from trace_ds.io import TraceError
+
+    known = {c.name: c for c in all_combos()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise TraceError(
+            f"unknown combination(s) {unknown}; e.g. {', '.join(list(known)[:4])} (see docs/results.md)"
+        )
+    return [known[n] for n in names]
+
+
+def combo_config(config: StudyConfig, combo: Combo, lr: float, seed: int, noise: float) -> dict[str, Any]:
+    """The main study's pipeline for this seed and noise, with TRACE only, the combination's score settings,
+    its head for scoring and training, and the learning rate."""
+    base = pipeline_config(config, seed, noise, ("trace",))
+    base["score"] = {**base["score"], **combo.score, "relational": combo.head}
+    base["train"] = {**base["train"], "relational": combo.head, "lr": lr}
+    base["train"].pop("rescore_every", None)
+    return base
+
+
+def _point(
+    config: StudyConfig, combo: Combo, lr: float, seed: int, noise: float, folder: Path
+) -> dict[str, Any]:
+    """Run (or read from the cache) one pipeline and return its point: metrics, per-topic TPA, weight shares."""
+    import yaml
+
+    from trace_ds.pipeline import Pipeline, load_config
+
+    path = folder / "configs" / f"seed{seed}-noise{noise:g}-{combo.name.replace('/', '_')}-lr{lr:g}.yaml"
+    write_text(path, yaml.safe_dump(combo_config(config, combo, lr, seed, noise), sort_keys=False))
+    pipeline = Pipeline(load_config(path), str(path))
+    started = time.perf_counter()
+    pipeline.run()
+    stages = {s.name: s.directory for s in pipeline.stages}
+    metrics_path = read_json(stages["eval_trace"] / "paths.json")["metrics"]
+    metrics = read_json(metrics_path)
+    old_metrics = read_json(read_json(stages["eval_old"] / "paths.json")["metrics"])
+    scores = read_json(stages["score"] / "paths.json")["scores"]
+    data = read_json(stages["data"] / "paths.json")
+    return {
+        "combo": combo.name,
+        "lr": lr,
+        "seed": seed,
+        "noise": noise,
+        **metric_values(metrics_path),
+        "degenerate": ((metrics.get("tpa") or {}).get("all") or {}).get("degenerate"),
+        "tpa_topics": _topics(metrics),
+        "old": {
+            **metric_values(read_json(stages["eval_old"] / "paths.json")["metrics"]),
+            "tpa_topics": _topics(old_metrics),
+        },
+        "weight_share": weight_share_by_topic(scores, data.get("truth") or str(Path(data["pairs"]).parent / "truth.jsonl")),
+        "metrics": str(metrics_path),
+        "scores": str(scores),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _topics(metrics: dict[str, Any]) -> dict[str, float | None]:
+    return {
+        k.removeprefix("topic:"): v["tpa"]
+        for k, v in (metrics.get("tpa") or {}).items()
+        if k.startswith("topic:")
+    }
+
+
+def weight_share_by_topic(scores: str, truth: str | None) -> dict[str, dict[str, float]]:
+    """Per conflict category, each topic's share of the category's total weight (uniform weights give each
+    topic its share of the pairs): where the update's weight went."""
+    if not truth or not Path(truth).exists():
+        return {}
+    topic = {r["id"]: r["topic"] for r in map(json.loads, Path(truth).read_text().splitlines()) if r}
+    totals: dict[str, dict[str, float]] = {}
+    for line in Path(scores).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by = totals.setdefault(record["category"], {})
+            name = topic.get(record["id"], "?")
+            by[name] = by.get(name, 0.0) + float(record["weight"])
+    return {
+        c: {t: w / sum(by.values()) for t, w in sorted(by.items())}
+        for c, by in totals.items()
+        if sum(by.values())
+    }
+
+
+def matched(points: list[dict[str, Any]], old_ppl: float | None) -> dict[str, Any] | None:
+    """The point with the best TPA (all prompts) among those within the utility budget; None if none is."""
+    budget = None if old_ppl is None else old_ppl * (1 + UTILITY_TOLERANCE)
+    inside = [
+        p
+        for p in points
+        if p["tpa_all"] is not None and (budget is None or (p["ppl_stable"] or math.inf) <= budget)
+    ]
+    return max(inside, key=lambda p: p["tpa_all"]) if inside else None
+
+
+def run_screen(config: StudyConfig, lrs: tuple[float, ...], combos: list[Combo]) -> dict[str, Any]:
+    folder = Path(config.out) / "screen"
+    seed = config.seeds[0]
+    started = time.perf_counter()
+    points = []
+    total = len(combos) * len(lrs)
+    for index, (combo, lr) in enumerate(((c, lr) for c in combos for lr in lrs), start=1):
+        console.rule(f"study screen: {index}/{total}: {combo.name} at lr {lr:g} (seed {seed})")
+        points.append(_point(config, combo, lr, seed, 0.0, folder))
+    old = points[0]["old"]
+    ranked = []
+    for combo in combos:
+        mine = [p for p in points if p["combo"] == combo.name]
+        best = matched(mine, old["ppl_stable"])
+        ranked.append({"combo": combo.name, "best": best})
+    ranked.sort(key=lambda r: -1.0 if r["best"] is None else -r["best"]["tpa_all"])
+    report = {
+        "seed": seed,
+        "lrs": list(lrs),
+        "utility_tolerance": UTILITY_TOLERANCE,
+        "old": old,
+        "points": points,
+        "ranking": ranked,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(folder / "screen.json", report)
+    write_text(folder / "screen.md", screen_markdown(report))
+    _frontier_plot(folder / "frontier.png", points, old, f"Screen, seed {seed}: TPA against utility")
+    return report
+
+
+def run_confirm(
+    config: StudyConfig, lrs: tuple[float, ...], combos: list[Combo], noise: tuple[float, ...]
+) -> dict[str, Any]:
+    folder = Path(config.out) / "confirm"
+    started = time.perf_counter()
+    if not any(c.uniform for c in combos):
+        combos = [*combos, *combos_named(["uniform/ipo"])]
+    points = []
+    runs = [(s, n, c, lr) for s in config.seeds for n in noise for c in combos for lr in lrs]
+    for index, (seed, level, combo, lr) in enumerate(runs, start=1):
+        console.rule(
+            f"study confirm: {index}/{len(runs)}: {combo.name}, lr {lr:g}, seed {seed}, noise {level:g}"
+        )
+        points.append(_point(config, combo, lr, seed, level, folder))
+    cells = []
+    uniform = next(c.name for c in combos if c.uniform)
+    for level in noise:
+        per_combo: dict[str, dict[int, dict[str, Any] | None]] = {}
+        for combo in combos:
+            for seed in config.seeds:
+                mine = [p for p in points if (p["combo"], p["seed"], p["noise"]) == (combo.name, seed, level)]
+                per_combo.setdefault(combo.name, {})[seed] = matched(mine, mine[0]["old"]["ppl_stable"])
+        for combo in combos:
+            best = per_combo[combo.name]
+            values = [b["tpa_all"] for b in best.values() if b]
+            paired = [
+                b["tpa_all"] - u["tpa_all"]
+                for seed, b in best.items()
+                if b and (u := per_combo[uniform][seed])
+            ]
+            cells.append({
+                "noise": level, "combo": combo.name, "tpa_all": mean_ci(values), "minus_uniform": mean_ci(paired),
+                "seeds_within_budget": len(values),
+                "lrs_chosen": {seed: b["lr"] if b else None for seed, b in best.items()},
+            })  # fmt: skip
+    report = {
+        "seeds": list(config.seeds), "noise": list(noise), "lrs": list(lrs),
+        "utility_tolerance": UTILITY_TOLERANCE, "cells": cells, "points": points,
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    write_json(folder / "confirm.json", report)
+    write_text(folder / "confirm.md", confirm_markdown(report))
+    return report
+
+
+def mean_ci(values: list[float]) -> dict[str, float | int | None]:
+    """Mean and the half-width of a two-sided 95% t-interval over seeds (None below two values)."""
+    if not values:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None, "n": 1}
+    half = T_975[min(len(values) - 1, max(T_975))] * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "ci95": half, "n": len(values)}
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    if entry["mean"] is None:
+        return "-"
+    return _fmt(entry["mean"]) + ("" if entry["ci95"] is None else f" ± {_fmt(entry['ci95'])}")
+
+
+def screen_markdown(report: dict[str, Any]) -> str:
+    old = report["old"]
+    lines = [
+        f"# Weighting screen (seed {report['seed']}, noise 0)",
+        "",
+        f"Old-policy model: TPA all {_fmt(old['tpa_all'])}, stable-topic perplexity {_fmt(old['ppl_stable'], 2)}; "
+        f"utility budget: stable-topic perplexity at most {_fmt((old['ppl_stable'] or 0) * (1 + report['utility_tolerance']), 2)} "
+        f"(+{100 * report['utility_tolerance']:.0f}%). Learning rates: {', '.join(f'{x:g}' for x in report['lrs'])}. "
+        f"Wall time: {report['seconds'] / 60:.1f} min.",
+        "",
+        "## Ranking at matched utility (best TPA within the budget; one seed: a screen, not a result)",
+        "",
+        "| rank | combination | lr | TPA all | TPA shifted | TPA stable | perplexity, stable | degenerate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rank, row in enumerate(report["ranking"], start=1):
+        b = row["best"]
+        if b is None:
+            lines.append(f"| {rank} | {row['combo']} | - | no point within the budget | | | | |")
+            continue
+        lines.append(
+            f"| {rank} | {row['combo']} | {b['lr']:g} | {_fmt(b['tpa_all'])} | {_fmt(b['tpa_shifted'])} | "
+            f"{_fmt(b['tpa_stable'])} | {_fmt(b['ppl_stable'], 2)} | {_fmt(b['degenerate'])} |"
+        )
+    topics = sorted({t for p in report["points"] for t in p["tpa_topics"]})
+    lines += ["", "## TPA per topic at each combination's matched-utility point", ""]
+    lines += ["| combination | " + " | ".join(topics) + " |", "|---|" + "---|" * len(topics)]
+    lines.append("| old-policy model | " + " | ".join(_fmt(old["tpa_topics"].get(t)) for t in topics) + " |")
+    for row in report["ranking"]:
+        if row["best"]:
+            lines.append(
+                f"| {row['combo']} | "
+                + " | ".join(_fmt(row["best"]["tpa_topics"].get(t)) for t in topics)
+                + " |"
+            )
+    lines += ["", "## Share of each category's weight per topic (inversion)", ""]
+    shares = {
+        r["combo"]: (r["best"] or {}).get("weight_share", {}).get("inversion", {}) for r in report["ranking"]
+    }
+    wtopics = sorted({t for s in shares.values() for t in s})
+    lines += ["| combination | " + " | ".join(wtopics) + " |", "|---|" + "---|" * len(wtopics)]
+    for name, share in shares.items():
+        if share:
+            lines.append(f"| {name} | " + " | ".join(_fmt(share.get(t), 2) for t in wtopics) + " |")
+    lines += [
+        "",
+        "## Every point",
+        "",
+        "| combination | lr | TPA all | perplexity, stable | degenerate | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in report["points"]:
+        lines.append(
+            f"| {p['combo']} | {p['lr']:g} | {_fmt(p['tpa_all'])} | {_fmt(p['ppl_stable'], 2)} | {_fmt(p['degenerate'])} | {p['seconds']} |"
+        )
+    return "\n".join([*lines, "", "![frontier](frontier.png)", ""])
+
+
+def confirm_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Weighting confirmation (seeds {', '.join(map(str, report['seeds']))})",
+        "",
+        f"Per seed: the best TPA within the utility budget (stable-topic perplexity at most +{100 * report['utility_tolerance']:.0f}% "
+        f"over that seed's old model) over the learning rates {', '.join(f'{x:g}' for x in report['lrs'])}; then mean ± 95% "
+        f"t-interval over seeds, and minus uniform weights paired by seed. Wall time: {report['seconds'] / 60:.1f} min.",
+        "",
+        "| noise | combination | TPA all (matched utility) | minus uniform | seeds within budget |",
+        "|---|---|---|---|---|",
+    ]
+    for c in report["cells"]:
+        lines.append(
+            f"| {c['noise']:g} | {c['combo']} | {_cell(c['tpa_all'])} | {_cell(c['minus_uniform'])} | {c['seeds_within_budget']} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def _frontier_plot(path: Path, points: list[dict[str, Any]], old: dict[str, Any], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name in dict.fromkeys(p["combo"] for p in points):
+        mine = sorted(
+            (p for p in points if p["combo"] == name and p["ppl_stable"] is not None), key=lambda p: p["lr"]
+        )
+        ax.plot(
+            [p["ppl_stable"] for p in mine], [p["tpa_all"] for p in mine], marker="o", linewidth=1, label=name
+        )
+    if old["ppl_stable"] is not None:
+        ax.axvline(old["ppl_stable"] * (1 + UTILITY_TOLERANCE), color="grey", linestyle="--", linewidth=1)
+        ax.scatter([old["ppl_stable"]], [old["tpa_all"]], color="black", marker="x", label="old-policy model")
+    ax.set_xlabel("perplexity on held-out stable-topic text (↓); dashed: the utility budget")
+    ax.set_ylabel("TPA, all held-out prompts (↑)")
+    ax.set_title(title)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
