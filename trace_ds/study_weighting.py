@@ -92,6 +92,11 @@ def combos_named(names: list[str]) -> list[Combo]:
 def combo_config(config: StudyConfig, combo: Combo, lr: float, seed: int, noise: float) -> dict[str, Any]:
     """The main study's pipeline for this seed and noise, with TRACE only, the combination's score settings,
     its head for scoring and training, and the learning rate."""
+    from trace_ds.engine import CPU_ZERO3_CONFIG
+
+    ds_config = Path(config.out) / "ds_cpu_zero3.json"  # the main study's file (same path: same stage keys)
+    if not ds_config.exists():
+        write_json(ds_config, CPU_ZERO3_CONFIG)
     base = pipeline_config(config, seed, noise, ("trace",))
     base["score"] = {**base["score"], **combo.score, "relational": combo.head}
     base["train"] = {**base["train"], "relational": combo.head, "lr": lr}

@@ -84,6 +84,15 @@ def _probe_judged_for_its_prompt(
     eligible = [p for p in by_category["suppression"] if prompt_key(p.prompt) in compliant]
     third = size // 3 if suppression == "same-prompt" else 0
     n_suppression = min(third, len(eligible))
+    if n_suppression < third:
+        import warnings
+
+        warnings.warn(
+            f"--probe-suppression same-prompt: only {len(eligible)} suppression prompt(s) also occur in a retention or "
+            f"inversion pair (a response judged compliant for that very prompt), so the probe has {n_suppression} "
+            f"suppression pair(s) instead of {third}; the rest is retention and inversion",
+            stacklevel=2,
+        )
     rest = size - n_suppression
     need = {"retention": rest // 2, "inversion": rest - rest // 2}
     for name, count in need.items():

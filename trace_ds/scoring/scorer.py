@@ -255,9 +255,16 @@ def output_paths(out: str | Path) -> dict[str, Path]:
     }
 
 
-def _scored(pair_id: str, category: str, result: tuple[float, float | None], probe_norm: float) -> Scored:
+# A gradient norm below this share of the largest one is rounding of a gradient that is exactly 0 (a pair
+# whose two responses are the same tokens): its cosine is 0, and a probe pair of it gets no weight.
+NEGLIGIBLE_NORM = 1e-6
+
+
+def _scored(
+    pair_id: str, category: str, result: tuple[float, float | None], probe_norm: float, floor: float
+) -> Scored:
     raw, norm = result
-    cosine = None if norm is None else (raw / (norm * probe_norm) if norm > 0 and probe_norm > 0 else 0.0)
+    cosine = None if norm is None else (raw / (norm * probe_norm) if norm > floor and probe_norm > 0 else 0.0)
     return Scored(pair_id, category, raw, grad_norm=norm, cosine=cosine)
 
 
@@ -270,7 +277,8 @@ def _probe_pair_norms(
         if chunk is None:
             scorer.probe_step(dummy, 0.0, norms=True)
             continue
-        norms = scorer.probe_step([t for _, t in chunk], 0.0, norms=True)
+        # weight 1: the norms are those of the pairs' own gradients (this pass's G is discarded afterwards)
+        norms = scorer.probe_step([t for _, t in chunk], 1.0, norms=True)
         assert norms is not None
         mine += [(i, n) for (i, _), n in zip(chunk, norms, strict=True)]
     found = dict(item for part in strategy.all_gather_object(mine) for item in part)
@@ -375,7 +383,10 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
     if config.probe_normalize == "unit":  # a first pass for ||g_j||, then G from g_j / ||g_j||
         probe_norms = _probe_pair_norms(scorer, strategy, probe_tokens, dummy, config.micro_batch)
         scorer.state.store = strategy.probe_store() or ProbeGradient()
-        probe_weights = [0.0 if n == 0.0 else 1.0 / (len(probe_tokens) * n) for n in probe_norms]
+        # a pair whose gradient is 0 in exact arithmetic (both responses the same tokens) gets rounding-sized
+        # norms: dividing by one would blow rounding noise up into G, so it counts as no gradient
+        floor = NEGLIGIBLE_NORM * max(probe_norms, default=0.0)
+        probe_weights = [0.0 if n <= floor else 1.0 / (len(probe_tokens) * n) for n in probe_norms]
     indexed = list(enumerate(probe_tokens))
     for chunk in strategy.shard(indexed, config.micro_batch):
         if chunk is None:
@@ -419,8 +430,11 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
     if strategy.is_main:
         # Every conflict pair gets a line, in input order: a --probe-holdout pair is not scored (raw_score
         # null) and takes its category's mean weight, so the trainer finds a weight for every pair.
+        floor = NEGLIGIBLE_NORM * max((n for _, n in done.values() if n is not None), default=0.0)
         scored = [
-            Scored(p.id, c, None, probe_holdout=True) if p.id in held_out else _scored(p.id, c, done[p.id], probe_norm)
+            Scored(p.id, c, None, probe_holdout=True)
+            if p.id in held_out
+            else _scored(p.id, c, done[p.id], probe_norm, floor)
             for p, c in conflict
         ]
         assign_weights(scored, config.weighting_choice(), config.allow_empty)

@@ -1,0 +1,126 @@
+"""Scores -> weights (issue 21): the maps, the cosine metric and the probe variants of `trace-ds score`,
+against hand computations and fp64 per-pair gradients."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trace_ds.cli import main
+from trace_ds.config import ScoreConfig
+from trace_ds.data.pairs import read_pairs
+from trace_ds.data.tokenize import tokenize_pair
+from trace_ds.io import TraceError
+from trace_ds.scoring.probe import build_probe
+from trace_ds.scoring.weights import Scored, Weighting, assign_weights, parse_map
+
+from .helpers import read_lines, reference_loss, triaged_benchmark
+from .test_score_cli import score_args
+
+
+def scored(values: list[float | None], category: str = "inversion") -> list[Scored]:
+    return [Scored(f"p{i}", category, v, probe_holdout=v is None) for i, v in enumerate(values)]
+
+
+def test_paper_map_is_the_old_clamp_and_normalise() -> None:
+    items = scored([2.0, -1.0, 6.0, None])
+    assign_weights(items, Weighting(), allow_empty=False)
+    # clamped [2, 0, 6] mean 8/3 for the held-out pair; total 32/3 over 4 pairs: weights x * 4 / (32/3)
+    assert [s.weight for s in items] == pytest.approx([0.75, 0.0, 2.25, 1.0])
+
+
+def test_standardized_map_is_bounded_and_mean_one() -> None:
+    items = scored([0.0, 1.0, 2.0, 30.0])
+    assign_weights(items, Weighting(weighting="standardized", alpha=0.5, w_min=0.1), allow_empty=False)
+    values = [0.0, 1.0, 2.0, 30.0]
+    mean = sum(values) / 4
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
+    raw = [max(0.1, 1 + 0.5 * (v - mean) / sd) for v in values]
+    assert [s.weight for s in items] == pytest.approx([r * 4 / sum(raw) for r in raw])
+    assert sum(s.weight for s in items) == pytest.approx(4.0) and min(s.weight for s in items) > 0
+
+
+def test_prune_drops_the_lowest_fraction_and_negative_scores() -> None:
+    items = scored([5.0, -1.0, 3.0, 4.0, 1.0, 2.0, 6.0, 7.0])
+    assign_weights(items, Weighting(weighting="prune:0.25"), allow_empty=False)
+    # the lowest 2 of 8 (-1, 1) and the negative one (already among them): 6 kept, weight 8/6 each
+    kept = [s.weight > 0 for s in items]
+    assert kept == [True, False, True, True, False, True, True, True]
+    assert all(s.weight == pytest.approx(8 / 6) for s in items if s.weight > 0)
+
+
+def test_uniform_and_cosine_metric() -> None:
+    items = [Scored("a", "inversion", 10.0, cosine=-0.5), Scored("b", "inversion", -3.0, cosine=0.25)]
+    assign_weights(items, Weighting(weighting="uniform"), allow_empty=False)
+    assert [s.weight for s in items] == [1.0, 1.0]
+    assign_weights(items, Weighting(metric="cosine"), allow_empty=False)  # cosine decides, not the raw score
+    assert [s.weight for s in items] == [0.0, 2.0]
+
+
+@pytest.mark.parametrize("text", ["prune", "prune:1", "prune:x", "top:0.5", "paper:0.5"])
+def test_bad_weighting_options_are_refused(text: str) -> None:
+    with pytest.raises(TraceError, match="--weighting"):
+        parse_map(text)
+
+
+def test_probe_variants_keep_their_shares(tmp_path: Path) -> None:
+    triaged = triaged_benchmark(tmp_path, n_pairs=60, seed=5, n_eval_prompts=4, n_eval_pairs=4)
+    pairs = read_pairs(str(triaged)).pairs
+    drop = build_probe(pairs, 9, 0, "drop")
+    assert sorted(p.extra["category"] for p in drop) == ["inversion"] * 5 + ["retention"] * 4
+    with pytest.warns(UserWarning, match="same-prompt"):  # no synthetic suppression prompt recurs
+        same = build_probe(pairs, 9, 0, "same-prompt")
+    assert {p.extra["category"] for p in same} <= {"inversion", "retention"}
+    assert [p.id for p in build_probe(pairs, 9, 0, "pool")] == [p.id for p in build_probe(pairs, 9, 0)]
+
+
+@pytest.mark.slow
+def test_unit_probe_and_cosine_scores_equal_fp64_per_pair_gradients(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`--probe-normalize unit --score-metric cosine`: G = (1/B) sum_j g_j / ||g_j|| from fp64 per-pair
+    probe gradients; every pair's raw score <g_i, G>, grad_norm ||g_i|| and cosine against it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    triaged = triaged_benchmark(tmp_path, n_pairs=24, seed=7, n_eval_prompts=4, n_eval_pairs=4)
+    out = tmp_path / "s.jsonl"
+    args = score_args(tiny_model_dir, triaged, out, "--probe-normalize", "unit", "--score-metric", "cosine")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    meta = __import__("json").loads(out.with_name("s.meta.json").read_text())
+    assert (meta["probe_normalize"], meta["score_metric"]) == ("unit", "cosine")
+
+    cfg = ScoreConfig(model=str(tiny_model_dir), triaged=str(triaged), out=str(out), beta=0.5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).double().eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    tok = {"max_length": 160, "max_prompt_length": 64}
+    from trace_ds.data.tokenize import TokenizeConfig
+
+    tcfg = TokenizeConfig(**tok)
+
+    def grad(pair, category):  # type: ignore[no-untyped-def]
+        loss = reference_loss(model, tokenize_pair(pair, tokenizer, tcfg), category, cfg)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    probe = read_pairs(str(out.with_name("s.probe.jsonl"))).pairs
+    # a probe pair with no gradient (both responses the same tokens) adds nothing, as trace-ds gives it weight 0
+    unit = [g / g.norm() if g.norm() > 0 else g for g in (grad(p, "inversion") for p in probe)]
+    big_g = sum(unit) / len(unit)
+    assert meta["probe_norm"] == pytest.approx(float(big_g.norm()), rel=1e-5)
+    by_id = {p.id: p for p in read_pairs(str(triaged)).pairs}
+    for record in read_lines(out):
+        g = grad(by_id[record["id"]], record["category"])
+        if g.norm() == 0:
+            assert record["grad_norm"] < 1e-6 and record["cosine"] == 0.0
+            continue
+        assert record["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-5)
+        scale = float(g.norm() * big_g.norm())
+        assert abs(record["raw_score"] - float(g @ big_g)) <= 1e-5 * scale
+        assert record["cosine"] == pytest.approx(float(g @ big_g) / scale, abs=1e-5)
+    weights = [r["weight"] for r in read_lines(out) if r["category"] == "inversion"]
+    assert sum(weights) == pytest.approx(len(weights))
