@@ -112,7 +112,7 @@ def test_the_weighting_screen_and_confirmation_run_at_ci_size(study: dict) -> No
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
-    confirm = ["--confirm", "standardized-cosine-unit/ipo", "--seeds", "0,1", "--lrs", "0.002"]
+    confirm = ["--confirm", "standardized-cosine-unit/ipo", "--seeds", "0,1", "--lrs", "0.002", "--noise", "0,0.2"]
     for args in (["--screen"], confirm):
         result = subprocess.run(
             [sys.executable, "-m", "trace_ds.cli", "study", "--quick", "--out", str(out), *args],
