@@ -124,3 +124,23 @@ def test_unit_probe_and_cosine_scores_equal_fp64_per_pair_gradients(
         assert record["cosine"] == pytest.approx(float(g @ big_g) / scale, abs=1e-5)
     weights = [r["weight"] for r in read_lines(out) if r["category"] == "inversion"]
     assert sum(weights) == pytest.approx(len(weights))
+
+
+def test_the_screen_ranks_at_matched_utility_and_puts_unmatched_combinations_last() -> None:
+    from trace_ds.study_weighting import ranking
+
+    def point(combo: str, tpa: float, ppl: float) -> dict:
+        return {"combo": combo, "tpa_all": tpa, "ppl_stable": ppl}
+
+    points = [
+        point("a", 0.9, 130.0),  # the best TPA, but past the budget (100 * 1.1)
+        point("a", 0.4, 105.0),
+        point("b", 0.5, 109.0),
+        point("c", 0.8, 120.0),  # no point within the budget
+    ]
+    rows = ranking(["a", "b", "c"], points, old_ppl=100.0)
+    assert [(r["combo"], r["best"] and r["best"]["tpa_all"]) for r in rows] == [
+        ("b", 0.5),
+        ("a", 0.4),
+        ("c", None),
+    ]

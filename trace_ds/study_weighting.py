@@ -135,7 +135,9 @@ def _point(
             **metric_values(read_json(stages["eval_old"] / "paths.json")["metrics"]),
             "tpa_topics": _topics(old_metrics),
         },
-        "weight_share": weight_share_by_topic(scores, data.get("truth") or str(Path(data["pairs"]).parent / "truth.jsonl")),
+        "weight_share": weight_share_by_topic(
+            scores, data.get("truth") or str(Path(data["pairs"]).parent / "truth.jsonl")
+        ),
         "metrics": str(metrics_path),
         "scores": str(scores),
         "seconds": round(time.perf_counter() - started, 1),
@@ -181,6 +183,13 @@ def matched(points: list[dict[str, Any]], old_ppl: float | None) -> dict[str, An
     return max(inside, key=lambda p: p["tpa_all"]) if inside else None
 
 
+def ranking(names: list[str], points: list[dict[str, Any]], old_ppl: float | None) -> list[dict[str, Any]]:
+    """Each combination's matched-utility point, best TPA first; combinations with no point within the budget
+    last (they cannot be compared at this utility)."""
+    rows = [{"combo": n, "best": matched([p for p in points if p["combo"] == n], old_ppl)} for n in names]
+    return sorted(rows, key=lambda r: (r["best"] is None, -(r["best"] or {}).get("tpa_all", 0.0)))
+
+
 def run_screen(config: StudyConfig, lrs: tuple[float, ...], combos: list[Combo]) -> dict[str, Any]:
     folder = Path(config.out) / "screen"
     seed = config.seeds[0]
@@ -191,19 +200,13 @@ def run_screen(config: StudyConfig, lrs: tuple[float, ...], combos: list[Combo])
         console.rule(f"study screen: {index}/{total}: {combo.name} at lr {lr:g} (seed {seed})")
         points.append(_point(config, combo, lr, seed, 0.0, folder))
     old = points[0]["old"]
-    ranked = []
-    for combo in combos:
-        mine = [p for p in points if p["combo"] == combo.name]
-        best = matched(mine, old["ppl_stable"])
-        ranked.append({"combo": combo.name, "best": best})
-    ranked.sort(key=lambda r: -1.0 if r["best"] is None else -r["best"]["tpa_all"])
     report = {
         "seed": seed,
         "lrs": list(lrs),
         "utility_tolerance": UTILITY_TOLERANCE,
         "old": old,
         "points": points,
-        "ranking": ranked,
+        "ranking": ranking([c.name for c in combos], points, old["ppl_stable"]),
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(folder / "screen.json", report)
