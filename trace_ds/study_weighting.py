@@ -120,7 +120,7 @@ def _point(
     stages = {s.name: s.directory for s in pipeline.stages}
     metrics_path = read_json(stages["eval_trace"] / "paths.json")["metrics"]
     metrics = read_json(metrics_path)
-    old_metrics = read_json(read_json(stages["eval_old"] / "paths.json")["metrics"])
+    old_path = read_json(stages["eval_old"] / "paths.json")["metrics"]
     scores = read_json(stages["score"] / "paths.json")["scores"]
     data = read_json(stages["data"] / "paths.json")
     return {
@@ -131,10 +131,7 @@ def _point(
         **metric_values(metrics_path),
         "degenerate": ((metrics.get("tpa") or {}).get("all") or {}).get("degenerate"),
         "tpa_topics": _topics(metrics),
-        "old": {
-            **metric_values(read_json(stages["eval_old"] / "paths.json")["metrics"]),
-            "tpa_topics": _topics(old_metrics),
-        },
+        "old": {**metric_values(old_path), "tpa_topics": _topics(read_json(old_path))},
         "weight_share": weight_share_by_topic(
             scores, data.get("truth") or str(Path(data["pairs"]).parent / "truth.jsonl")
         ),

@@ -218,15 +218,16 @@ class _GhostExperts(torch.autograd.Function):
             keep = real.index_select(0, token)
             pairs = [(gate_up, x, delta_up), (down, inner, delta_down)]
             terms = [(p, a.detach()[keep], d[keep]) for p, a, d in pairs if _param_needs(p)]
+            row_of = token[keep] // length
             if state.mode == "probe":
                 for param, a, d in terms:
                     state.store.add_piece(param, expert, d.float().t().matmul(a.float()))
             else:
-                offsets = row_offsets(token[keep] // length, rows)
+                offsets = row_offsets(row_of, rows)
                 for (_, a, d), g_expert in zip(terms, g, strict=True):
                     state.add_linear_scores(a, d, g_expert, offsets)
             if state.norms is not None:  # one expert's slice: disjoint entries, their squares add
                 for _, a, d in terms:
-                    state.norms.add_matrix(a, d, token[keep] // length)
+                    state.norms.add_matrix(a, d, row_of)
         state.touched.update(id(p) for p in scored)
         return grad_hidden, None, grad_weights, None, None, None, None

@@ -38,15 +38,6 @@ def pair_segments(
 
 
 @dataclass
-class TiedHead:
-    """What the LM head's backward leaves for the embedding's when the two share one weight: per real token t
-    of the batch (row order), R[t] = the pair's head gradient at row x_t (sum_s d_s[x_t] h_s over the pair's
-    head entries s)."""
-
-    rows_at_ids: torch.Tensor  # (T, d) fp32
-
-
-@dataclass
 class PairNorms:
     """Squared gradient norms of the pairs of one ghost backward, accumulated per parameter use."""
 
@@ -55,7 +46,9 @@ class PairNorms:
     kernel: str = "torch"
     tied: set[int] = field(default_factory=set)  # ids of parameters the embedding and the head share
     squared: torch.Tensor = field(init=False)
-    tied_head: dict[int, TiedHead] = field(default_factory=dict)
+    # a tied head's backward leaves, per real token t of the batch (row order), its pair's head gradient at row
+    # x_t (sum_s d_s[x_t] h_s over the pair's head entries s), for the embedding's cross term: (T, d) fp32
+    tied_head: dict[int, torch.Tensor] = field(default_factory=dict)
     input_ids: torch.Tensor | None = None  # (T,) the batch's real tokens' ids, row order (for a tied head)
     token_rows: torch.Tensor | None = None  # (T,) the row of each real token
 
@@ -102,7 +95,7 @@ class PairNorms:
                     "ghost norms: the embedding shares its weight with the LM head, but the head's backward left "
                     "no cross term (the head ran outside the ghost paths?)"
                 )
-            cross = (tied.rows_at_ids.double() * d.double()).sum(-1)
+            cross = (tied.double() * d.double()).sum(-1)
             both = torch.zeros(self.n_pairs, dtype=torch.float64, device=d.device)
             self._add(both.index_add_(0, pair, 2.0 * cross))
 
@@ -143,11 +136,7 @@ class PairNorms:
             raise TraceError("ghost norms: a tied LM head ran before the embedding recorded the batch's ids")
         tied = self.tied_head.setdefault(
             id(weight),
-            TiedHead(
-                torch.zeros(
-                    self.input_ids.shape[0], hidden.shape[-1], dtype=torch.float32, device=hidden.device
-                )
-            ),
+            torch.zeros(self.input_ids.shape[0], hidden.shape[-1], dtype=torch.float32, device=hidden.device),
         )
         local = self.input_ids - start
         inside = (local >= 0) & (local < d_tile.shape[-1])
@@ -159,7 +148,7 @@ class PairNorms:
             if tokens.numel() == 0 or entries.numel() == 0:
                 continue
             q = d_tile.index_select(0, entries).float().index_select(1, local.index_select(0, tokens))
-            tied.rows_at_ids.index_add_(0, tokens, q.t().matmul(hidden.index_select(0, entries).float()))
+            tied.index_add_(0, tokens, q.t().matmul(hidden.index_select(0, entries).float()))
 
 
 @dataclass
@@ -172,14 +161,17 @@ class HeadNorm:
     hidden: torch.Tensor  # (entries, d) the head's inputs, entries sorted by row
     row_of_entry: torch.Tensor
     order: torch.Tensor = field(init=False)
+    offset_tensor: torch.Tensor = field(init=False)
     by_pair: torch.Tensor = field(init=False)
     offsets: list[int] = field(init=False)
     gram: list[torch.Tensor] = field(default_factory=list)
     materialize: bool | None = None
 
     def __post_init__(self) -> None:
-        self.order, offsets = pair_segments(self.row_of_entry, self.norms.pair_of_row, self.norms.n_pairs)
-        self.offsets = offsets.tolist()
+        self.order, self.offset_tensor = pair_segments(
+            self.row_of_entry, self.norms.pair_of_row, self.norms.n_pairs
+        )
+        self.offsets = self.offset_tensor.tolist()
         self.by_pair = self.hidden.index_select(0, self.order).float()
 
     def _segments(self) -> list[tuple[int, int]]:
@@ -187,7 +179,7 @@ class HeadNorm:
 
     def add_tile(self, d_tile: torch.Tensor, start: int) -> None:
         """The tile of output gradients for vocabulary rows [start, start + width), entries sorted by row."""
-        from trace_ds.kernels.ghost_norm import materialize_is_cheaper
+        from trace_ds.kernels.ghost_norm import ghost_norm_torch, materialize_is_cheaper
 
         if id(self.weight) in self.norms.tied:
             self.norms.tied_rows(self.weight, self.hidden, d_tile, self.row_of_entry, start)
@@ -196,11 +188,7 @@ class HeadNorm:
             longest = max((b - a for a, b in self._segments()), default=0)
             self.materialize = materialize_is_cheaper(longest, self.by_pair.shape[1], d.shape[1])
         if self.materialize:  # the tile's rows of each pair's gradient, squared: exact per tile
-            per_pair = [
-                d[a:b].t().matmul(self.by_pair[a:b]).square().sum() if b > a else d.new_zeros(())
-                for a, b in self._segments()
-            ]
-            self.norms._add(torch.stack(per_pair))
+            self.norms._add(ghost_norm_torch(self.by_pair, d, self.offset_tensor, materialize=True))
             return
         grams = [d[a:b].matmul(d[a:b].t()) for a, b in self._segments()]
         self.gram = grams if not self.gram else [g + h for g, h in zip(self.gram, grams, strict=True)]

@@ -18,7 +18,7 @@ Maps, each within a conflict category (or over all of them, ``joint``), mean 1 (
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from trace_ds.io import TraceError
@@ -82,7 +82,6 @@ class Weighting:
     alpha: float = 0.5
     w_min: float = 0.1
     normalize: str = "per-category"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -94,22 +93,6 @@ class Weighting:
             )
         if self.normalize not in ("per-category", "joint"):
             raise TraceError(f"--normalize {self.normalize!r}: use per-category or joint")
-
-    def meta(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("extra")
-        return out
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> Weighting:
-        """The weighting a scores file was made with (files from before the options: dot + paper)."""
-        return cls(
-            metric=meta.get("score_metric", "dot"),
-            weighting=meta.get("weighting", "paper"),
-            alpha=meta.get("weight_alpha", 0.5),
-            w_min=meta.get("weight_min", 0.1),
-            normalize=meta.get("normalize", "per-category"),
-        )
 
 
 def value_of(s: Scored, metric: str) -> float | None:
