@@ -1215,7 +1215,8 @@ def demo(
 )
 @click.option("--seeds", default=None, help="Comma-separated seeds (default 0,1,2; --quick 0,1).")
 @click.option("--noise", default=None, help="Comma-separated label-noise levels (default 0,0.1,0.2,0.3).")
-@click.option("--ranks", type=int, default=None, help="Ranks of each training launch (default 2; --quick 1).")
+@click.option("--ranks", type=int, default=None, help="Ranks of each training launch (default 2; 1 with --quick, --screen or --confirm: the same updates, "
+    "without the launcher).")
 @click.option(
     "--screen",
     is_flag=True,
@@ -1228,7 +1229,7 @@ def demo(
     metavar="COMBO,...",
     help="Confirm these weighting combinations (and uniform) on every seed (default 0-4) at noise 0, 0.2, 0.3.",
 )
-@click.option("--lrs", default=None, help="Learning rates each combination is trained at (default 2.5e-4,5e-4,1e-3).")
+@click.option("--lrs", default=None, help="Learning rates each combination is trained at (default 1.25e-4,2.5e-4,5e-4).")
 @click.option("--combos", default=None, help="--screen: only these combinations (default: all).")
 def study(
     out: str,
@@ -1260,8 +1261,9 @@ def study(
         if 0.0 not in levels or any(not 0.0 <= x <= 1.0 for x in levels):
             raise TraceError(f"--noise {noise}: fractions in [0, 1], including 0 (the arms run there)")
         config = replace(config, noise=levels)
-    if ranks:
-        config = replace(config, ranks=ranks)
+    if ranks or screen or confirm:
+        # the global batch is fixed (study.micro_batch): one rank trains the same updates as two, faster here
+        config = replace(config, ranks=ranks or 1)
     if screen or confirm:
         _weighting_study(config, quick, screen, confirm, lrs, combos, seeds, noise)
         return

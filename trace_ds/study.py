@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_ds.console import console
-from trace_ds.io import read_json, write_json, write_text
+from trace_ds.io import TraceError, read_json, write_json, write_text
 
 ARMS = ("trace", "naive_dpo", "no_impact", "no_kl", "no_triage", "trace_rescore")
 NOISE_ARMS = ("trace", "naive_dpo")
@@ -59,6 +59,7 @@ class StudySize:
     sft: dict[str, Any]
     score: dict[str, Any]
     train: dict[str, Any]
+    global_batch: int  # pairs per optimizer step over all ranks
     eval: dict[str, Any]
     rescore_every: int
     influence_sample: int
@@ -81,7 +82,8 @@ FULL = StudySize(
     },
     sft={"epochs": 3, "lr": 0.003, "batch_size": 32},
     score={"probe_size": 60, "beta": 0.1, "micro_batch": 16},
-    train={"micro_batch": 8, "lr": 0.0005, "beta": 0.1, "alpha_kl": 20.0},
+    train={"lr": 0.0005, "beta": 0.1, "alpha_kl": 20.0},
+    global_batch=16,  # 8 per rank on 2 ranks; --ranks 1 trains the same updates in one process
     eval={"max_new_tokens": 48, "batch_size": 32},
     rescore_every=38,  # one pass is 75 steps at 1200 pairs on 2 ranks: one re-scoring half-way
     influence_sample=40,
@@ -103,7 +105,8 @@ QUICK = StudySize(
     },
     sft={"epochs": 1, "lr": 0.003, "batch_size": 32},
     score={"probe_size": 12, "beta": 0.1, "micro_batch": 32},
-    train={"micro_batch": 16, "lr": 0.0005, "beta": 0.1, "alpha_kl": 20.0},
+    train={"lr": 0.0005, "beta": 0.1, "alpha_kl": 20.0},
+    global_batch=16,
     eval={"max_new_tokens": 8, "batch_size": 32},
     rescore_every=4,
     influence_sample=6,
@@ -135,10 +138,18 @@ class Run:
     reduction: str = "sum"  # log-prob reduction of scoring and training ("mean": the MEAN_ARM run)
 
 
+def micro_batch(size: StudySize, ranks: int) -> int:
+    """Pairs per rank per step: the size's global batch split over the ranks, so that any rank count trains
+    the same updates (the per-pair losses are summed, then averaged over the global batch)."""
+    if size.global_batch % ranks:
+        raise TraceError(f"--ranks {ranks}: the study's global batch {size.global_batch} must divide evenly over the ranks")
+    return size.global_batch // ranks
+
+
 def steps_per_pass(size: StudySize, ranks: int) -> int:
     """Optimizer steps of one pass over every judged pair (the largest arm's data): every arm trains this many."""
     per_rank = -(-size.pairs // ranks)
-    return -(-per_rank // size.train["micro_batch"])
+    return -(-per_rank // micro_batch(size, ranks))
 
 
 def pipeline_config(
@@ -165,6 +176,7 @@ def pipeline_config(
         "triage": {"noise": noise},
         "score": {**size.score, **reduced},
         "train": {
+            "micro_batch": micro_batch(size, config.ranks),
             **size.train,
             **reduced,
             "max_steps": steps_per_pass(size, config.ranks),
