@@ -6,6 +6,8 @@ transformers imports. Under that name it steps aside: it loads the installed dis
 import system returns what ``sys.modules`` holds once this file has run) or, with none installed, looks like
 a bare namespace folder (no ``__file__``, nothing in it), which library checks such as transformers'
 ``is_kernels_available`` read as "not installed". As ``trace_ds.kernels`` nothing happens here.
+Any other trace-ds checkout on sys.path (a git worktree on PYTHONPATH) is passed over too: its ``kernels``
+would step aside in turn, back to this one, without end.
 """
 
 if __name__ == "kernels":
@@ -14,15 +16,17 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _root]
+    def _ours(entry: str) -> bool:  # a trace-ds checkout, this one or another
+        return os.path.isfile(os.path.join(os.path.abspath(entry or os.getcwd()), "kernels", "ghost_dot.py"))
+
+    _elsewhere = [p for p in sys.path if not _ours(p)]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
     if _spec is not None and _spec.loader is not None:
         _installed = importlib.util.module_from_spec(_spec)
         sys.modules["kernels"] = _installed
         _spec.loader.exec_module(_installed)
     else:
-        for _name in ("importlib", "os", "sys", "_root", "_elsewhere", "_spec"):
+        for _name in ("importlib", "os", "sys", "_ours", "_elsewhere", "_spec"):
             del globals()[_name]
         del _name
         __file__ = None  # a namespace folder, as far as anyone asking can tell

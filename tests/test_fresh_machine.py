@@ -58,6 +58,27 @@ def test_the_repository_root_does_not_shadow_an_installed_kernels_distribution(t
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+@pytest.mark.timeout(300)
+def test_a_second_checkout_on_the_path_does_not_send_kernels_round_in_circles(tmp_path: Path) -> None:
+    """A git worktree on PYTHONPATH beside the root (how a long study runs from a pinned commit while the root
+    is edited): each checkout's kernels/ stepped aside to the other, without end (RecursionError, and then
+    every transformers model class failed to import)."""
+    other = tmp_path / "worktree"
+    shutil.copytree(REPO / "kernels", other / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path[:0] = [{str(REPO)!r}, {str(other)!r}]
+        import kernels
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from trace_ds.kernels.ghost_dot import ghost_dot
+        print('ok')
+        """
+    )
+    result = _python(code, cwd=REPO)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 def test_without_the_distribution_kernels_looks_like_an_empty_namespace_from_the_root() -> None:
     """With no `kernels` distribution installed, `import kernels` from the root gives what a bare namespace
     folder gives (no __file__, nothing to import from it): transformers' availability check reads that as "not
