@@ -105,20 +105,16 @@ def test_aggregates_are_the_mean_of_the_runs(study: dict) -> None:
 
 
 def test_the_weighting_screen_and_confirmation_run_at_ci_size(study: dict) -> None:
-    """`trace-ds study --screen --quick` then `--confirm` (issue 21) in the quick study's folder: every
+    """`trace-ds study --screen --quick` then `--confirm --jobs 2` (issue 21) in the quick study's folder: every
     combination x learning rate a point with its own evaluation, per-topic TPA and weight shares; uniform
-    weights are uniform; the confirmation pairs each combination with uniform by seed."""
+    weights are uniform; the confirmation pairs each combination with uniform by seed, its seeds shared out to
+    two worker processes."""
     out = study["out"]
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    confirm = ["--confirm", "standardized-cosine-unit/ipo", "--seeds", "0,1", "--lrs", "0.002", "--noise", "0,0.2"]
-    for args in (["--screen"], confirm):
-        result = subprocess.run(
-            [sys.executable, "-m", "trace_ds.cli", "study", "--quick", "--out", str(out), *args],
-            env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    confirm = ["--confirm", "standardized-cosine-unit/ipo", "--seeds", "0,1", "--lrs", "0.002", "--noise", "0"]
+    for args in (["--screen"], [*confirm, "--jobs", "2"]):
+        _study(out, *args)
+    workers = [json.loads(line) for k in (0, 1) for line in (out / "confirm" / f"points-{k}.jsonl").open()]
+    assert sorted((p["seed"], p["threads"]) for p in workers) == [(0, 1), (0, 1), (1, 1), (1, 1)]
     screen = json.loads((out / "screen" / "screen.json").read_text())
     assert len(screen["points"]) == 2 * 2 and len(screen["ranking"]) == 2
     assert (out / "screen" / "frontier.png").stat().st_size > 1000
@@ -138,5 +134,35 @@ def test_the_weighting_screen_and_confirmation_run_at_ci_size(study: dict) -> No
     report = json.loads((out / "confirm" / "confirm.json").read_text())
     combos = {c["combo"] for c in report["cells"]}
     assert combos == {"standardized-cosine-unit/ipo", "uniform/ipo"}
-    assert {c["noise"] for c in report["cells"]} == {0.0, 0.2}
-    assert len(report["points"]) == 2 * 2 * 2  # seeds x noise x combinations (one learning rate)
+    assert {c["noise"] for c in report["cells"]} == {0.0}
+    assert len(report["points"]) == 2 * 2  # seeds x combinations (one noise level, one learning rate)
+    assert all(c["seeds_within_budget"] <= 2 and c["tpa_all"]["n"] <= 2 for c in report["cells"])
+
+
+def test_a_copied_ledger_resumes_the_screen_without_its_stage_folders(study: dict, tmp_path: Path) -> None:
+    """The points ledger is what carries a long study from one machine to the next: with only
+    `screen/points.jsonl` copied, the screen reports the same points and trains nothing."""
+    source = study["out"] / "screen"
+    if not (source / "points.jsonl").exists():
+        _study(study["out"], "--screen")
+    copy = tmp_path / "copy"
+    (copy / "screen").mkdir(parents=True)
+    (copy / "screen" / "points.jsonl").write_bytes((source / "points.jsonl").read_bytes())
+    _study(copy, "--screen")
+    assert not list(copy.glob("seed-*/stages/train_*")), "a point in the ledger was trained again"
+    again = json.loads((copy / "screen" / "screen.json").read_text())
+    first = json.loads((source / "screen.json").read_text())
+    assert [p["tpa_all"] for p in again["points"]] == [p["tpa_all"] for p in first["points"]]
+    assert again["ranking"] == first["ranking"]
+
+
+def _study(out: Path, *args: str) -> None:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "trace_ds.cli", "study", "--quick", "--out", str(out), *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    logs = "".join(p.read_text()[-2000:] for p in Path(out).glob("*/worker-*.log"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + logs

@@ -1231,6 +1231,21 @@ def demo(
 )
 @click.option("--lrs", default=None, help="Learning rates each combination is trained at (default 1.25e-4,2.5e-4,5e-4).")
 @click.option("--combos", default=None, help="--screen: only these combinations (default: all).")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="--screen/--confirm: run the points in this many processes at once, one thread each.",
+)
+@click.option(
+    "--real",
+    default=None,
+    metavar="COMBO",
+    help="Confirm this weighting combination on the real chat model against uniform weights and naive DPO, "
+    "3 seeds (default 0,1,2; hours on 2 CPU cores; needs the [real] extra).",
+)
+@click.option("--worker", default=None, hidden=True, help="K/N: run worker K's share of the points (from --jobs).")
 def study(
     out: str,
     quick: bool,
@@ -1241,6 +1256,9 @@ def study(
     confirm: str | None,
     lrs: str | None,
     combos: str | None,
+    jobs: int,
+    real: str | None,
+    worker: str | None,
 ) -> None:
     """The efficacy study: every arm over seeds, TRACE and naive DPO under label noise, one report. With
     --screen or --confirm, the weighting study at matched utility (docs/results.md)."""
@@ -1249,8 +1267,11 @@ def study(
     from trace_ds.determinism import pin_cpu_numerics
     from trace_ds.pipeline import DEMO_CPU_NUMERICS
 
-    # before anything imports torch; --quick runs on one thread (CI runs another test beside it)
-    pin_cpu_numerics(**{**DEMO_CPU_NUMERICS, **({"threads": 1} if quick else {})})
+    # before anything imports torch; --quick runs on one thread (CI runs another test beside it), and so does
+    # each of several workers
+    worker_of = _worker_share(worker) if worker else None
+    threads = max(1, (os.cpu_count() or 2) // worker_of[1]) if worker_of else (1 if quick else None)
+    pin_cpu_numerics(**{**DEMO_CPU_NUMERICS, **({"threads": threads} if threads else {})})
     from trace_ds.study import StudyConfig, run_study
 
     config = StudyConfig.quick_mode(out) if quick else StudyConfig(out=out)
@@ -1261,13 +1282,48 @@ def study(
         if 0.0 not in levels or any(not 0.0 <= x <= 1.0 for x in levels):
             raise TraceError(f"--noise {noise}: fractions in [0, 1], including 0 (the arms run there)")
         config = replace(config, noise=levels)
+    if real:
+        from trace_ds.study_real import REAL_SEEDS, run_real
+        from trace_ds.study_weighting import combos_named
+
+        if screen or confirm or quick or noise:
+            raise TraceError("--real runs alone: not with --screen, --confirm, --quick or --noise")
+        chosen = combos_named([real])[0]
+        report = run_real(out, chosen, config.seeds if seeds else REAL_SEEDS, ranks or 2)
+        console.print(f"real: {Path(out) / 'real' / 'real.md'} ({report['seconds'] / 60:.1f} min)")
+        return
     if ranks or screen or confirm:
         # the global batch is fixed (study.micro_batch): one rank trains the same updates as two, faster here
         config = replace(config, ranks=ranks or 1)
     if screen or confirm:
+        if jobs > 1 and screen and confirm:
+            raise TraceError("--jobs: run --screen and --confirm as two commands")
+        config = replace(config, jobs=jobs, worker=worker_of, threads=threads, worker_args=_study_args())
         _weighting_study(config, quick, screen, confirm, lrs, combos, seeds, noise)
         return
     run_study(config)
+
+
+def _worker_share(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise TraceError(f"--worker {text!r}: K/N, e.g. 0/2") from None
+    if not 0 <= k < n:
+        raise TraceError(f"--worker {text!r}: K from 0 to N-1")
+    return k, n
+
+
+def _study_args() -> tuple[str, ...]:
+    """This study command's own arguments, less --jobs and --worker: what each worker process reruns."""
+    context = click.get_current_context()
+    args: list[str] = [context.info_name or "study"]
+    for name, value in context.params.items():
+        if name in ("jobs", "worker") or value in (None, False):
+            continue
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return tuple(args)
 
 
 def _weighting_study(
@@ -1296,12 +1352,16 @@ def _weighting_study(
     if screen:
         chosen = combos_named(combos.split(",")) if combos else (combos_named(list(QUICK_COMBOS)) if quick else all_combos())
         report = run_screen(config, rates, chosen)
+        if config.worker:
+            return
         console.print(f"screen: {Path(config.out) / 'screen' / 'screen.md'} ({report['seconds'] / 60:.1f} min)")
     if confirm:
         if not seeds:
             config = replace(config, seeds=(0, 1) if quick else (0, 1, 2, 3, 4))
         levels = tuple(float(x) for x in noise.split(",")) if noise else ((0.0, 0.2) if quick else CONFIRM_NOISE)
         report = run_confirm(config, rates, combos_named(confirm.split(",")), levels)
+        if config.worker:
+            return
         console.print(f"confirm: {Path(config.out) / 'confirm' / 'confirm.md'} ({report['seconds'] / 60:.1f} min)")
 
 

@@ -122,6 +122,12 @@ class StudyConfig:
     quick: bool = False
     size: StudySize = FULL
     mean_arm: bool = True  # also TRACE with per-token mean log-probs, at noise 0
+    threads: int | None = None  # per process; None: 2 (1 with --quick, which shares CI's cores)
+    # the weighting study's worker processes (study_weighting.run_points): how many, which one this is
+    # (K, N), and the study's own command line, which each worker reruns with --worker K/N
+    jobs: int = 1
+    worker: tuple[int, int] | None = None
+    worker_args: tuple[str, ...] = ()
 
     @classmethod
     def quick_mode(cls, out: str) -> StudyConfig:
@@ -142,7 +148,9 @@ def micro_batch(size: StudySize, ranks: int) -> int:
     """Pairs per rank per step: the size's global batch split over the ranks, so that any rank count trains
     the same updates (the per-pair losses are summed, then averaged over the global batch)."""
     if size.global_batch % ranks:
-        raise TraceError(f"--ranks {ranks}: the study's global batch {size.global_batch} must divide evenly over the ranks")
+        raise TraceError(
+            f"--ranks {ranks}: the study's global batch {size.global_batch} must divide evenly over the ranks"
+        )
     return size.global_batch // ranks
 
 
@@ -187,7 +195,8 @@ def pipeline_config(
         "launch": {
             "ranks": config.ranks,
             "deepspeed": str(ds_config) if config.ranks > 1 else None,
-            "threads": 1 if config.quick else 2,  # --quick shares CI's cores with another test worker
+            # --quick shares CI's cores with another test worker
+            "threads": config.threads or (1 if config.quick else 2),
             "cpu_isa": "avx2",
         },
     }

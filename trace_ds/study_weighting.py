@@ -107,9 +107,10 @@ def combo_config(config: StudyConfig, combo: Combo, lr: float, seed: int, noise:
 
 
 def _point(
-    config: StudyConfig, combo: Combo, lr: float, seed: int, noise: float, folder: Path
+    config: StudyConfig, combo: Combo, lr: float, seed: int, noise: float, folder: Path, ledger: Ledger
 ) -> dict[str, Any]:
-    """Run (or read from the cache) one pipeline and return its point: metrics, per-topic TPA, weight shares."""
+    """Run (or read from the ledger or the stage cache) one pipeline and return its point: metrics, per-topic
+    TPA, weight shares."""
     import yaml
 
     from trace_ds.pipeline import Pipeline, load_config
@@ -117,9 +118,42 @@ def _point(
     path = folder / "configs" / f"seed{seed}-noise{noise:g}-{combo.name.replace('/', '_')}-lr{lr:g}.yaml"
     write_text(path, yaml.safe_dump(combo_config(config, combo, lr, seed, noise), sort_keys=False))
     pipeline = Pipeline(load_config(path), str(path))
+    stages = {s.name: s for s in pipeline.stages}
+    key = stages["eval_trace"].key  # covers every setting and input upstream, and the judges' versions
+    if key in ledger.points:
+        return ledger.points[key]
     started = time.perf_counter()
     pipeline.run()
-    stages = {s.name: s.directory for s in pipeline.stages}
+    point = _read_point(combo, lr, seed, noise, {name: s.directory for name, s in stages.items()})
+    point.update(key=key, seconds=round(time.perf_counter() - started, 1), threads=config.threads)
+    ledger.add(point)
+    return point
+
+
+class Ledger:
+    """Every finished point, one JSON line each in ``<folder>/points*.jsonl`` (one file per worker process),
+    keyed by its evaluation stage's cache key. A point found here is not run again, even on a machine without
+    the stage folders: copy the ledger files there and the study resumes from them (docs/results.md)."""
+
+    def __init__(self, folder: Path, name: str = "points.jsonl") -> None:
+        from trace_ds.io import iter_jsonl
+
+        self.path = folder / name
+        self.points: dict[str, dict[str, Any]] = {}
+        for path in sorted(folder.glob("points*.jsonl")):
+            for _, record in iter_jsonl(path):
+                self.points[record["key"]] = record
+
+    def add(self, point: dict[str, Any]) -> None:
+        from trace_ds.io import append_lines, dumps
+
+        self.points[point["key"]] = point
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as sink:
+            append_lines(sink, [dumps(point)])
+
+
+def _read_point(combo: Combo, lr: float, seed: int, noise: float, stages: dict[str, Path]) -> dict[str, Any]:
     metrics_path = read_json(stages["eval_trace"] / "paths.json")["metrics"]
     metrics = read_json(metrics_path)
     old_path = read_json(stages["eval_old"] / "paths.json")["metrics"]
@@ -132,18 +166,84 @@ def _point(
         "noise": noise,
         **metric_values(metrics_path),
         "degenerate": ((metrics.get("tpa") or {}).get("all") or {}).get("degenerate"),
-        "tpa_topics": _topics(metrics),
-        "old": {**metric_values(old_path), "tpa_topics": _topics(read_json(old_path))},
+        "tpa_topics": topic_tpa(metrics),
+        "old": {**metric_values(old_path), "tpa_topics": topic_tpa(read_json(old_path))},
         "weight_share": weight_share_by_topic(
             scores, data.get("truth") or str(Path(data["pairs"]).parent / "truth.jsonl")
         ),
         "metrics": str(metrics_path),
         "scores": str(scores),
-        "seconds": round(time.perf_counter() - started, 1),
     }
 
 
-def _topics(metrics: dict[str, Any]) -> dict[str, float | None]:
+Task = tuple[int, float, "Combo", float]  # seed, noise, combination, learning rate
+
+
+def run_points(
+    config: StudyConfig, folder: Path, tasks: list[Task], label: str, jobs: int = 1, group: str = "seed"
+) -> list[dict[str, Any]]:
+    """Every task's point, in order. With ``jobs`` > 1 the tasks are first shared out to that many worker
+    processes (``trace-ds study --worker K/N``, one thread each), grouped so that no two workers build the
+    same stage: by seed, or by combination once the first task has built the seed's shared stages. Then every
+    point is read back here from the ledger."""
+    if jobs > 1 and config.worker is None:
+        _run_workers(config, folder, tasks, label, jobs, group)
+    ledger = Ledger(folder, f"points-{config.worker[0]}.jsonl" if config.worker else "points.jsonl")
+    points = []
+    for index, (seed, noise, combo, lr) in enumerate(tasks, start=1):
+        if config.worker and _owner(tasks, index - 1, group, config.worker[1]) != config.worker[0]:
+            continue
+        console.rule(
+            f"study {label}: {index}/{len(tasks)}: {combo.name}, lr {lr:g}, seed {seed}, noise {noise:g}"
+        )
+        points.append(_point(config, combo, lr, seed, noise, folder, ledger))
+    return points
+
+
+def _owner(tasks: list[Task], index: int, group: str, workers: int) -> int:
+    """The worker of task ``index``: its group's rank among the groups, modulo the workers (the first task
+    belongs to worker 0 and runs before the others start)."""
+    if index == 0:
+        return 0
+    keys = list(dict.fromkeys(_group_key(t, group) for t in tasks))
+    return keys.index(_group_key(tasks[index], group)) % workers
+
+
+def _group_key(task: Task, group: str) -> Any:
+    seed, _, combo, _ = task
+    return seed if group == "seed" else combo.name
+
+
+def _run_workers(
+    config: StudyConfig, folder: Path, tasks: list[Task], label: str, jobs: int, group: str
+) -> None:
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from trace_ds.io import TraceError
+
+    if (
+        group == "combo"
+    ):  # the seed's data, model and old-model evaluation, built once before the others start
+        run_points(replace(config, worker=(0, jobs)), folder, tasks[:1], label)
+    workers = []
+    for k in range(jobs):
+        command = [sys.executable, "-m", "trace_ds.cli", *config.worker_args, "--worker", f"{k}/{jobs}"]
+        log = folder / f"worker-{k}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        console.print(f"worker {k}/{jobs}: {' '.join(command)} (log {log})")
+        with open(log, "a", encoding="utf-8") as sink:
+            workers.append(subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT))
+    failed = [k for k, w in enumerate(workers) if w.wait() != 0]
+    if failed:
+        raise TraceError(
+            f"study workers {failed} failed: see {folder}/worker-K.log; rerun the same command to resume "
+            "(finished points are in the ledger)"
+        )
+
+
+def topic_tpa(metrics: dict[str, Any]) -> dict[str, float | None]:
     return {
         k.removeprefix("topic:"): v["tpa"]
         for k, v in (metrics.get("tpa") or {}).items()
@@ -193,11 +293,10 @@ def run_screen(config: StudyConfig, lrs: tuple[float, ...], combos: list[Combo])
     folder = Path(config.out) / "screen"
     seed = config.seeds[0]
     started = time.perf_counter()
-    points = []
-    total = len(combos) * len(lrs)
-    for index, (combo, lr) in enumerate(((c, lr) for c in combos for lr in lrs), start=1):
-        console.rule(f"study screen: {index}/{total}: {combo.name} at lr {lr:g} (seed {seed})")
-        points.append(_point(config, combo, lr, seed, 0.0, folder))
+    tasks = [(seed, 0.0, c, lr) for c in combos for lr in lrs]
+    points = run_points(config, folder, tasks, "screen", config.jobs, group="combo")
+    if config.worker:
+        return {"points": points}
     old = points[0]["old"]
     report = {
         "seed": seed,
@@ -221,13 +320,10 @@ def run_confirm(
     started = time.perf_counter()
     if not any(c.uniform for c in combos):
         combos = [*combos, *combos_named(["uniform/ipo"])]
-    points = []
-    runs = [(s, n, c, lr) for s in config.seeds for n in noise for c in combos for lr in lrs]
-    for index, (seed, level, combo, lr) in enumerate(runs, start=1):
-        console.rule(
-            f"study confirm: {index}/{len(runs)}: {combo.name}, lr {lr:g}, seed {seed}, noise {level:g}"
-        )
-        points.append(_point(config, combo, lr, seed, level, folder))
+    tasks = [(s, n, c, lr) for s in config.seeds for n in noise for c in combos for lr in lrs]
+    points = run_points(config, folder, tasks, "confirm", config.jobs, group="seed")
+    if config.worker:
+        return {"points": points}
     cells = []
     uniform = next(c.name for c in combos if c.uniform)
     for level in noise:
@@ -274,7 +370,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _cell(entry: dict[str, Any]) -> str:
+def format_interval(entry: dict[str, Any]) -> str:
     if entry["mean"] is None:
         return "-"
     return _fmt(entry["mean"]) + ("" if entry["ci95"] is None else f" ± {_fmt(entry['ci95'])}")
@@ -351,7 +447,7 @@ def confirm_markdown(report: dict[str, Any]) -> str:
     ]
     for c in report["cells"]:
         lines.append(
-            f"| {c['noise']:g} | {c['combo']} | {_cell(c['tpa_all'])} | {_cell(c['minus_uniform'])} | {c['seeds_within_budget']} |"
+            f"| {c['noise']:g} | {c['combo']} | {format_interval(c['tpa_all'])} | {format_interval(c['minus_uniform'])} | {c['seeds_within_budget']} |"
         )
     return "\n".join([*lines, ""])
 
