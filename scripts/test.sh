@@ -33,4 +33,5 @@ if [ "$workers" -gt 0 ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
   set -- -n "$workers" --dist loadfile "$@"
 fi
-exec "$VENV/bin/python" -m pytest "$@"
+# the slowest tests close the log: where the suite's minutes go (docs/testing.md keeps it under 15 minutes)
+exec "$VENV/bin/python" -m pytest --durations=25 "$@"

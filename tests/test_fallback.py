@@ -14,7 +14,8 @@ from torch import nn
 
 from trace_ds.io import TraceError, write_jsonl
 from trace_ds.scoring import fallback
-from trace_ds.scoring.ghost import GhostState, ProbeGradient, ghost_mode
+from trace_ds.scoring.ghost import ghost_mode
+from trace_ds.scoring.ghost_ops import GhostState, ProbeGradient
 from trace_ds.scoring.scorer import GhostScorer
 
 from .helpers import (

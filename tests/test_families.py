@@ -23,7 +23,8 @@ from torch import nn
 from trace_ds.data.batching import collate_pairs
 from trace_ds.data.tokenize import TokenizedPair
 from trace_ds.io import TraceError
-from trace_ds.scoring.ghost import GhostState, ProbeGradient, ghost_forward_for, ghost_mode
+from trace_ds.scoring.ghost import ghost_forward_for, ghost_mode
+from trace_ds.scoring.ghost_ops import GhostState, ProbeGradient
 from trace_ds.scoring.scorer import GhostScorer
 
 from .helpers import (
@@ -289,7 +290,7 @@ def test_norms_and_embeddings_are_recognised_by_their_code_not_their_name() -> N
     from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from trace_ds.scoring.ghost import _embedding_scaled, _norm_kind
+    from trace_ds.scoring.ghost import embedding_scaled, norm_kind
 
     class RenamedNorm(nn.Module):  # Llama's norm under another name, other comments and annotations
         def __init__(self, size: int) -> None:
@@ -313,11 +314,11 @@ def test_norms_and_embeddings_are_recognised_by_their_code_not_their_name() -> N
         def forward(self, input_ids: torch.Tensor):
             return super().forward(input_ids) + 1
 
-    kind = _norm_kind(RenamedNorm(8))
+    kind = norm_kind(RenamedNorm(8))
     assert kind is not None and kind.name == "llama"
-    assert _norm_kind(ChangedRMSNorm(8)) is None
-    assert _embedding_scaled(GemmaTextScaledWordEmbedding(10, 8, 0, embed_scale=2.0)) is True
-    assert _embedding_scaled(ChangedScaledWordEmbedding(10, 8, 0, embed_scale=2.0)) is None
+    assert norm_kind(ChangedRMSNorm(8)) is None
+    assert embedding_scaled(GemmaTextScaledWordEmbedding(10, 8, 0, embed_scale=2.0)) is True
+    assert embedding_scaled(ChangedScaledWordEmbedding(10, 8, 0, embed_scale=2.0)) is None
 
 
 def test_a_parameter_used_outside_its_modules_forward_is_refused() -> None:

@@ -12,11 +12,11 @@ import pytest
 
 from trace_ds.evaluate.influence import (
     RESULT_KEYS,
-    _stratified_sample,
     average_ranks,
     influence_check,
     pearson,
     spearman,
+    stratified_sample,
 )
 from trace_ds.io import TraceError, write_jsonl
 
@@ -113,12 +113,12 @@ def test_spearman_uses_average_ranks_for_ties() -> None:
 def test_sample_is_stratified_in_proportion_and_seeded() -> None:
     records = [{"id": f"i{k}", "category": "inversion", "raw_score": 1.0} for k in range(30)]
     records += [{"id": f"s{k}", "category": "suppression", "raw_score": 1.0} for k in range(10)]
-    picked = _stratified_sample(records, 8, seed=0)
+    picked = stratified_sample(records, 8, seed=0)
     assert [r["category"] for r in picked].count("inversion") == 6 and len(picked) == 8
-    assert picked == _stratified_sample(records, 8, seed=0) != _stratified_sample(records, 8, seed=1)
-    few = _stratified_sample(records[:38], 2, seed=0)  # 30 : 8 rounds to 2 : 0; each category keeps one
+    assert picked == stratified_sample(records, 8, seed=0) != stratified_sample(records, 8, seed=1)
+    few = stratified_sample(records[:38], 2, seed=0)  # 30 : 8 rounds to 2 : 0; each category keeps one
     assert sorted(r["category"] for r in few) == ["inversion", "suppression"]
-    assert len(_stratified_sample(records, 100, seed=0)) == 40
+    assert len(stratified_sample(records, 100, seed=0)) == 40
 
 
 def test_settings_other_than_the_scoring_runs_are_refused(scored: dict[str, str]) -> None:

@@ -167,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_scores(lora: bool) -> None:
 def test_the_offsets_check_is_off_by_default_and_on_in_tests(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel's offsets check costs one host sync per layer: scoring runs without it unless
     TRACE_DS_GHOST_CHECKS=1 (tests/conftest.py sets it, so every scoring test runs with it on)."""
-    from trace_ds.scoring.ghost import CHECKS_ENV, GhostState
+    from trace_ds.scoring.ghost_ops import CHECKS_ENV, GhostState
 
     assert GhostState(mode="score", store=None).check_offsets  # type: ignore[arg-type]
     monkeypatch.delenv(CHECKS_ENV)

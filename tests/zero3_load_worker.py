@@ -2,7 +2,7 @@
 
 ``deepspeed --num_gpus 2 tests/zero3_load_worker.py --deepspeed CONFIG --out DIR MODEL...``: every checkpoint is
 loaded through ``load_causal_lm`` (partitioned: each rank reads its own slices), checked against the checkpoint
-by ``trace_ds.bench.memory._verify_against_checkpoint``, and run on fixed input ids; rank 0 writes the gathered
+by ``trace_ds.bench.memory.verify_against_checkpoint``, and run on fixed input ids; rank 0 writes the gathered
 weights (``DIR/<folder name>.safetensors``) and the logits (``DIR/<folder name>.logits.pt``) for the test to
 compare with what plain transformers loads from the same folder. One launch for every checkpoint: a launch
 costs far more than a tiny model.
@@ -28,7 +28,7 @@ def main() -> None:
     import deepspeed
     from safetensors.torch import save_file
 
-    from trace_ds.bench.memory import _verify_against_checkpoint
+    from trace_ds.bench.memory import verify_against_checkpoint
     from trace_ds.engine import strategy_for
     from trace_ds.models import load_causal_lm
 
@@ -42,7 +42,7 @@ def main() -> None:
             assert len(partitioned) == len(list(model.parameters())), (
                 f"{name}: not every parameter partitioned"
             )
-            checked = _verify_against_checkpoint(model, folder)
+            checked = verify_against_checkpoint(model, folder)
             state = {}
             for param_name, param in model.named_parameters():
                 with deepspeed.zero.GatheredParameters([param]):

@@ -23,7 +23,7 @@ from torch import nn
 
 from trace_ds.io import TraceError, append_lines, dumps, free_port
 from trace_ds.memory import MemoryMeter, report_path
-from trace_ds.scoring.ghost import ProbeGradient
+from trace_ds.scoring.ghost_ops import ProbeGradient
 
 DS_DTYPE_KEYS = {"bfloat16": "bf16", "float16": "fp16"}
 # Every DeepSpeed engine this process made, held weakly: after a stage's release none should be left

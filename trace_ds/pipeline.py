@@ -17,8 +17,6 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +24,9 @@ from trace_ds import __version__
 from trace_ds.console import console
 from trace_ds.io import USER_ERROR_EXIT, TraceError, read_json, trace_ds_command, write_json
 from trace_ds.pipeline_config import load_config
+from trace_ds.pipeline_stages import Stage, plan_stages
 
 __all__ = ["Pipeline", "Stage", "load_config", "write_demo_config"]
-
-
-@dataclass
-class Stage:
-    name: str
-    phase: str  # "prepare", "distributed" or "finish"
-    settings: dict[str, Any]
-    inputs: list[str]
-    run: Callable[[Path, dict[str, Path]], dict[str, Any]]
-    key: str = ""
-    directory: Path = field(default_factory=Path)
-
-    def done(self) -> bool:
-        return (self.directory / "done.json").exists()
 
 
 class Pipeline:
@@ -54,8 +39,6 @@ class Pipeline:
 
     # ---- the plan ----
     def _plan(self) -> list[Stage]:
-        from trace_ds.pipeline_stages import plan_stages
-
         return plan_stages(self.config)
 
     def _assign_keys(self) -> None:

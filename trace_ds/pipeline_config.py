@@ -200,8 +200,6 @@ def _check_lora(score: dict[str, Any], train: dict[str, Any], where: str) -> Non
             f"{where}: train.merge_lora false: the pipeline's eval stage loads the trained model as a full "
             "model, so it merges the adapter (the adapter is kept too, in run/final/adapter); remove the key"
         )
-    from trace_ds.pipeline_stages import lora_config
-
     lora_config(lora)  # r, dropout and target_modules checked before anything runs
 
 
@@ -250,3 +248,14 @@ def _field_names(cls: Any) -> set[str]:
 
 def _parameters(function: Any) -> set[str]:
     return set(inspect.signature(function).parameters)
+
+
+def lora_config(mapping: dict[str, Any]) -> Any:
+    """``score: {lora: {r: ..., alpha: ...}}`` as the LoraConfig that scoring takes (YAML gives a list of
+    target modules; the frozen dataclass keeps a tuple)."""
+    from trace_ds.config import LoraConfig
+
+    fields = dict(mapping)
+    if "target_modules" in fields:
+        fields["target_modules"] = tuple(fields["target_modules"])
+    return LoraConfig(**fields)

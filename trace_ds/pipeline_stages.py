@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trace_ds.io import read_json, write_json, write_jsonl
-from trace_ds.pipeline_config import DEFAULT_RESCORE_EVERY, SFT_DEFAULTS, SYNTH_PARAMETERS, USER_DATA
+from trace_ds.pipeline_config import (
+    DEFAULT_RESCORE_EVERY,
+    SFT_DEFAULTS,
+    SYNTH_PARAMETERS,
+    USER_DATA,
+    lora_config,
+)
 
 
 def _paths(directory: Path) -> dict[str, str]:
@@ -32,9 +40,21 @@ def _file_identity(path: str) -> dict[str, Any]:
     return {"path": str(target.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def plan_stages(config: dict[str, Any]) -> list[Any]:
-    from trace_ds.pipeline import Stage
+@dataclass
+class Stage:
+    name: str
+    phase: str  # "prepare", "distributed" or "finish"
+    settings: dict[str, Any]
+    inputs: list[str]
+    run: Callable[[Path, dict[str, Path]], dict[str, Any]]
+    key: str = ""
+    directory: Path = field(default_factory=Path)
 
+    def done(self) -> bool:
+        return (self.directory / "done.json").exists()
+
+
+def plan_stages(config: dict[str, Any]) -> list[Any]:
     stages: list[Stage] = []
     data, model = config["data"], config["model"]
     ranks = int(config["launch"]["ranks"])
@@ -285,17 +305,6 @@ def _old_orientation(record: dict[str, Any]) -> dict[str, Any]:
         "category": "unlearning",
         "original_category": record["category"],
     }
-
-
-def lora_config(mapping: dict[str, Any]) -> Any:
-    """``score: {lora: {r: ..., alpha: ...}}`` as the LoraConfig that scoring takes (YAML gives a list of
-    target modules; the frozen dataclass keeps a tuple)."""
-    from trace_ds.config import LoraConfig
-
-    fields = dict(mapping)
-    if "target_modules" in fields:
-        fields["target_modules"] = tuple(fields["target_modules"])
-    return LoraConfig(**fields)
 
 
 def _score(settings: dict[str, Any], config: dict[str, Any], data_stage: str = "triage") -> Any:

@@ -19,7 +19,7 @@ from trace_ds.data.batching import collate_pairs
 from trace_ds.data.pairs import read_pairs
 from trace_ds.data.tokenize import TokenizeConfig, tokenize_pair
 from trace_ds.io import TraceError, write_json
-from trace_ds.vocab_head import check_head
+from trace_ds.vocab_head import check_head, response_logps
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
                 n = batch.num_pairs
                 rows = torch.arange(n)  # the chosen rows only
                 tokens = batch.loss_mask[:n].sum()
-                loss = -batch.logps(model, rows, tile=config.vocab_tile).sum() / tokens
+                loss = -response_logps(model, batch, rows, tile=config.vocab_tile).sum() / tokens
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -30,7 +30,7 @@ from trace_ds.data.stream import TRAINED_CONFLICT, PairStream, TrainRecord, load
 from trace_ds.data.tokenize import tokenize_pair
 from trace_ds.io import TraceError, dumps, read_json, write_json, write_text
 from trace_ds.losses import conflict_losses, reduce_logps, reduce_step_loss, sequence_logps, token_kl
-from trace_ds.vocab_head import check_head
+from trace_ds.vocab_head import check_head, response_logps
 
 if TYPE_CHECKING:
     from trace_ds.rescore import Rescorer
@@ -417,7 +417,7 @@ class Trainer:
                 )
                 batch, _, _ = self._batch(chunk)
                 logps = self.with_reference(
-                    lambda m, b=batch: b.logps(m, tile=cfg.vocab_tile, reduction=cfg.logp_reduction)
+                    lambda m, b=batch: response_logps(m, b, tile=cfg.vocab_tile, reduction=cfg.logp_reduction)
                 ).tolist()
                 n = len(chunk)
                 found.update({r.pair.id: (logps[i], logps[n + i]) for i, r in enumerate(chunk)})

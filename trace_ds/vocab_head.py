@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trace_ds.config import DEFAULT_VOCAB_TILE as DEFAULT_TILE  # 8192 x 4096 bf16: 64 MiB of weight per tile
+from trace_ds.data.batching import PairBatch, text_batch
 from trace_ds.io import TraceError
 
 
@@ -129,7 +130,7 @@ def _tile_logits(
 class _Ghost:
     """The scoring state while the head runs in ghost mode: where the tile dots and G come from."""
 
-    state: Any  # trace_ds.scoring.ghost.GhostState
+    state: Any  # trace_ds.scoring.ghost_ops.GhostState
     offsets: torch.Tensor  # (rows + 1,) the head's tokens per batch row, cumulated
 
 
@@ -175,7 +176,9 @@ def _weight_backward(
         if head_norm is not None:
             head_norm.add_tile(dz, start)
         if norms is not None and want_b:  # a bias's tiles are disjoint entries: their squares add
-            norms.add_vector(dz.float(), head_norm.row_of_entry if head_norm else norms.rows_of(ghost.offsets))
+            norms.add_vector(
+                dz.float(), head_norm.row_of_entry if head_norm else norms.rows_of(ghost.offsets)
+            )
     if head_norm is not None:
         head_norm.finish()
     if ghost is not None:
@@ -365,7 +368,8 @@ def run_head(
     ``keep_reference`` (a reference model's pass, under no_grad) the hidden states at ``kl_rows``' positions
     and the head are returned, to serve as the ``reference`` of the policy's pass."""
     from trace_ds.models import forward_settings
-    from trace_ds.scoring.ghost import active_state, row_offsets
+    from trace_ds.scoring.ghost import active_state
+    from trace_ds.scoring.ghost_ops import row_offsets
 
     lm = causal_lm(model)
     head = head_module(model)
@@ -433,6 +437,28 @@ def run_head(
     return HeadResult(logps, kl, kept)
 
 
+def response_logps(
+    model: nn.Module,
+    batch: PairBatch,
+    rows: torch.Tensor | None = None,
+    tile: int = 0,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Response log-probs of ``model`` for the batch (or the given rows), summed or averaged per token
+    (``reduction``): through the vocabulary-chunked head when ``tile`` > 0 and the model's head is a plain
+    linear layer, else from the full logits. The one way every stage gets a pair's log-probs."""
+    from trace_ds.losses import reduce_logps, sequence_logps
+
+    def pick(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if rows is None else tensor.index_select(0, rows)
+
+    if tile > 0 and head_module(model) is not None:
+        sums = run_head(model, batch, rows, tile=tile).logps
+    else:
+        sums = sequence_logps(batch.logits(model, rows), pick(batch.labels), pick(batch.loss_mask))
+    return reduce_logps(sums, pick(batch.loss_mask), reduction)
+
+
 def check_head(model: nn.Module, tile: int) -> None:
     """One short sequence through the model's own forward (full logits) and through the chunked head: a model
     whose forward changes ``lm_head``'s output in a way :class:`LogitTransform` does not reproduce (a new
@@ -440,7 +466,6 @@ def check_head(model: nn.Module, tile: int) -> None:
     rank runs the same calls (ZeRO-3)."""
     if tile <= 0 or head_module(model) is None:
         return
-    from trace_ds.data.batching import text_batch
     from trace_ds.losses import sequence_logps
 
     head = head_module(model)

@@ -43,7 +43,7 @@ def _import_model_class(name: str) -> None:
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(name))]
 
 
-def _verify_against_checkpoint(model: torch.nn.Module, name: str) -> int:
+def verify_against_checkpoint(model: torch.nn.Module, name: str) -> int:
     """Gather each parameter in turn and compare it with the checkpoint tensor (for a fused MoE expert tensor
     stored per expert, the concatenation of its per-expert tensors); returns how many matched."""
     import deepspeed
@@ -95,7 +95,7 @@ def measure_load(model: str, deepspeed: str, loader: str, dtype: str, out: str, 
         loaded = load_causal_lm(model, dtype) if loader == "trace-ds" else _transformers_load(model, dtype)
         record = meter.record(rank=strategy.rank, world_size=strategy.world_size, loader=loader)
         if verify:
-            record["verified_tensors"] = _verify_against_checkpoint(loaded, model)
+            record["verified_tensors"] = verify_against_checkpoint(loaded, model)
         records = strategy.all_gather_object(record)
         if strategy.is_main:
             write_json(out, {"model": model, "checkpoint_mib": checkpoint_mib(model), "ranks": records})

@@ -122,7 +122,7 @@ def probe_gradient_file(settings: dict[str, Any]) -> Path:
 def run_arm(arm: str, settings: dict[str, Any]) -> dict[str, Any]:
     """One arm in this process; returns its timings, peak RSS and scores."""
     from trace_ds.config import ScoreConfig
-    from trace_ds.scoring.ghost import ProbeGradient
+    from trace_ds.scoring.ghost_ops import ProbeGradient
     from trace_ds.scoring.scorer import GhostScorer, micro_batches
 
     torch.set_num_threads(settings["threads"])

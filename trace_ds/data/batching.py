@@ -46,24 +46,6 @@ class PairBatch:
             **forward_settings(model),
         ).logits
 
-    def logps(
-        self, model: torch.nn.Module, rows: torch.Tensor | None = None, tile: int = 0, reduction: str = "sum"
-    ) -> torch.Tensor:
-        """Response log-probs of ``model`` for the batch (or the given rows), summed or averaged per token
-        (``reduction``): through the vocabulary-chunked head when ``tile`` > 0 and the model's head is a plain
-        linear layer (trace_ds/vocab_head.py), else from the full logits."""
-        from trace_ds.losses import reduce_logps, sequence_logps
-        from trace_ds.vocab_head import head_module, run_head
-
-        def pick(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor if rows is None else tensor.index_select(0, rows)
-
-        if tile > 0 and head_module(model) is not None:
-            sums = run_head(model, self, rows, tile=tile).logps
-        else:
-            sums = sequence_logps(self.logits(model, rows), pick(self.labels), pick(self.loss_mask))
-        return reduce_logps(sums, pick(self.loss_mask), reduction)
-
     def to(self, device: torch.device | str) -> PairBatch:
         return PairBatch(
             self.ids,

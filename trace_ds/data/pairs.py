@@ -241,18 +241,3 @@ def write_rejects(output: str | Path, rejects: list[Reject]) -> Path | None:
 
 def write_pairs(path: str | Path, pairs: Iterable[Pair]) -> int:
     return write_jsonl(path, (pair.to_record() for pair in pairs))
-
-
-def prompt_key(prompt: Any) -> str:
-    """Prompts compared across pairs and files (deduplication, the same prompt in two pairs): text (a
-    conversation as its transcript), case and spaces folded."""
-    from trace_ds.data.tokenize import plain_transcript
-
-    text = (
-        prompt
-        if isinstance(prompt, str)
-        else plain_transcript(prompt)
-        if isinstance(prompt, list)
-        else str(prompt)
-    )
-    return " ".join(text.lower().split())

@@ -16,15 +16,15 @@ every stage calls :func:`tokenize_pair` / :func:`render_prompt`, and the rules a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from trace_ds.data.chat import (
+    as_messages,
+    render_plain,
+)
 from trace_ds.data.pairs import Pair
 from trace_ds.io import BadRecord, TraceError
-
-PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-PLAIN_GENERATION_PROMPT = "Assistant:"
 
 
 @dataclass(frozen=True)
@@ -57,22 +57,6 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-
-
-def plain_transcript(messages: Sequence[dict]) -> str:
-    """Messages as ``Role: content`` lines (the plain chat format, without a generation prompt)."""
-    return "\n".join(
-        f"{PLAIN_ROLES.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages
-    )
-
-
-def render_plain(messages: Sequence[dict]) -> str:
-    """The plain chat format used when a tokenizer has no chat template (documented in docs/formats.md)."""
-    return f"{plain_transcript(messages)}\n{PLAIN_GENERATION_PROMPT}"
-
-
-def as_messages(prompt: str | list[dict]) -> list[dict]:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def render_prompt(tokenizer: Any, prompt: str | list[dict]) -> str:

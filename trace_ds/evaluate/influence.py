@@ -119,7 +119,7 @@ def influence_check(
     tokenize = tokenize or TokenizeConfig()
 
     records = _read_scores(Path(scores))
-    chosen = _stratified_sample(records, sample, seed)
+    chosen = stratified_sample(records, sample, seed)
     pairs = {p.id: p for p in read_pairs(triaged).pairs}
     missing = [r["id"] for r in chosen if r["id"] not in pairs]
     if missing:
@@ -348,7 +348,7 @@ def _read_scores(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _stratified_sample(records: list[dict[str, Any]], sample: int, seed: int) -> list[dict[str, Any]]:
+def stratified_sample(records: list[dict[str, Any]], sample: int, seed: int) -> list[dict[str, Any]]:
     """``sample`` records (all when fewer), each category's share in proportion to its size (largest
     remainders; every category gets at least one when there is room), drawn with ``random.Random(seed)``, in
     file order."""

@@ -18,6 +18,7 @@ from trace_ds.data.pairs import Pair
 from trace_ds.data.tokenize import TokenizeConfig, encode_prompt, tokenize_pair
 from trace_ds.models import forward_settings
 from trace_ds.train import STAT_KEYS, compute_losses, summarise_stats
+from trace_ds.vocab_head import response_logps
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -238,7 +239,7 @@ def nll_totals(
             live = chunk is not None
             encoded = [tokenizer(t)["input_ids"][:max_length] for t in (chunk if live else texts[:1])]
             batch = text_batch(encoded, pad).to(device)
-            nll = -batch.logps(model, tile=vocab_tile).sum()
+            nll = -response_logps(model, batch, tile=vocab_tile).sum()
             if live:
                 sums += torch.tensor([float(nll), float(batch.loss_mask.sum())], dtype=torch.float64)
     sums = strategy.all_reduce_sum(sums)

@@ -26,7 +26,8 @@ from trace_ds.config import (
     check_vocab_tile,
     resolve_deepspeed_option,
 )
-from trace_ds.data.pairs import pair_from_record, prompt_key, read_pairs
+from trace_ds.data.chat import prompt_key
+from trace_ds.data.pairs import pair_from_record, read_pairs
 from trace_ds.data.tokenize import TokenizeConfig
 from trace_ds.evaluate.degeneracy import degenerate_reason
 from trace_ds.evaluate.metrics import (

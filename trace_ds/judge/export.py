@@ -11,8 +11,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from trace_ds.data.chat import plain_transcript
 from trace_ds.data.pairs import Pair
-from trace_ds.data.tokenize import plain_transcript, response_text
+from trace_ds.data.tokenize import response_text
 from trace_ds.io import BadRecord, TraceError
 from trace_ds.judge.verdicts import SIDES
 

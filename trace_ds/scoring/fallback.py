@@ -43,7 +43,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 from trace_ds.io import TraceError
-from trace_ds.scoring.ghost import GhostState
+from trace_ds.scoring.ghost_ops import GhostState
 
 FORCE_ENV = "TRACE_DS_GHOST_FALLBACK"
 METHOD_ENV = "TRACE_DS_GHOST_FALLBACK_METHOD"
@@ -322,7 +322,7 @@ class _GhostFallback(torch.autograd.Function):
             *(o for o, kind in zip(outputs, call.layouts, strict=True) if kind == "const")
         )
         ctx.set_materialize_grads(False)
-        # Parameters stay on the plan (not saved): G is keyed by the parameter's identity (see _GhostLinear).
+        # Parameters stay on the plan (not saved): G is keyed by the parameter's identity (see GhostLinear).
         ctx.save_for_backward(*inputs)
         ctx.call = call
         stats_of(plan.state).setdefault(plan.label, ClassStats()).modules.add(id(plan.module))
@@ -584,7 +584,10 @@ def _row_grads(
                     pairs.append((outs[i], _row(masked, call.layouts[i], r, length)))
             if not pairs:
                 continue
-            yield r, torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True)
+            yield (
+                r,
+                torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True),
+            )
 
 
 def _scores_rows(

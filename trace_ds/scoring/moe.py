@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trace_ds.scoring.ghost import GhostState, _class_matches, _GhostLinear, _param_needs, row_offsets
+from trace_ds.scoring.ghost_ops import GhostLinear, GhostState, class_matches, param_needs, row_offsets
 
 _EXPERTS_SOURCE = """
 def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -126,7 +126,7 @@ def _own_names(module: nn.Module) -> list[str]:
 def _router_kind(module: nn.Module) -> _RouterKind | None:
     if _own_names(module) != ["weight"] or not all(hasattr(module, a) for a in ("hidden_dim", "top_k")):
         return None
-    return next((k for k in _ROUTER_KINDS if _class_matches(type(module), k.source)), None)
+    return next((k for k in _ROUTER_KINDS if class_matches(type(module), k.source)), None)
 
 
 def _is_fused_experts(module: nn.Module) -> bool:
@@ -142,7 +142,7 @@ def _is_fused_experts(module: nn.Module) -> bool:
     gate = getattr(type(module), "_apply_gate", None)
     if gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate":
         return False
-    return _class_matches(type(module), _EXPERTS_SOURCE)
+    return class_matches(type(module), _EXPERTS_SOURCE)
 
 
 def moe_forward_for(module: nn.Module, state: GhostState) -> Callable | None:
@@ -166,7 +166,7 @@ def moe_forward_for(module: nn.Module, state: GhostState) -> Callable | None:
 
     def linear(hidden: torch.Tensor) -> torch.Tensor:
         state.check_tokens(module, hidden)
-        return _GhostLinear.apply(hidden, module.weight, None, state)
+        return GhostLinear.apply(hidden, module.weight, None, state)
 
     return lambda hidden_states: kind.compute(module, hidden_states, linear)
 
@@ -184,7 +184,7 @@ class _GhostExperts(torch.autograd.Function):
         state: GhostState,
     ) -> torch.Tensor:
         ctx.save_for_backward(hidden, top_k_index, top_k_weights)
-        ctx.params, ctx.module, ctx.state = (gate_up, down), module, state  # by identity (see _GhostLinear)
+        ctx.params, ctx.module, ctx.state = (gate_up, down), module, state  # by identity (see GhostLinear)
         return type(module).forward(module, hidden, top_k_index, top_k_weights)  # the model's own forward
 
     @staticmethod
@@ -195,7 +195,7 @@ class _GhostExperts(torch.autograd.Function):
         k = top_k_index.shape[1]
         grad_hidden = torch.zeros_like(hidden)
         grad_weights = torch.zeros_like(top_k_weights)
-        scored = [p for p in (gate_up, down) if _param_needs(p)]
+        scored = [p for p in (gate_up, down) if param_needs(p)]
         real = state.token_mask()
         slot_expert = top_k_index.reshape(-1)
         for expert in range(module.num_experts):  # every expert, in order, on every rank (G's collectives)
@@ -217,7 +217,7 @@ class _GhostExperts(torch.autograd.Function):
             grad_weights[token, position] = grad_w
             keep = real.index_select(0, token)
             pairs = [(gate_up, x, delta_up), (down, inner, delta_down)]
-            terms = [(p, a.detach()[keep], d[keep]) for p, a, d in pairs if _param_needs(p)]
+            terms = [(p, a.detach()[keep], d[keep]) for p, a, d in pairs if param_needs(p)]
             row_of = token[keep] // length
             if state.mode == "probe":
                 for param, a, d in terms:

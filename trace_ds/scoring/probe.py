@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from trace_ds.data.pairs import Pair, prompt_key
+from trace_ds.data.chat import prompt_key
+from trace_ds.data.pairs import Pair
 from trace_ds.io import TraceError
 
 

@@ -28,11 +28,12 @@ from trace_ds.data.tokenize import TokenizedPair, tokenize_pair
 from trace_ds.io import TraceError, append_lines, dumps, iter_jsonl_lenient, write_json, write_jsonl
 from trace_ds.losses import conflict_losses
 from trace_ds.scoring.fallback import report_fallback
-from trace_ds.scoring.ghost import GhostState, ProbeGradient, check_coverage, ghost_mode, names_listing
+from trace_ds.scoring.ghost import check_coverage, ghost_mode, names_listing
+from trace_ds.scoring.ghost_ops import GhostState, ProbeGradient
 from trace_ds.scoring.norms import PairNorms
 from trace_ds.scoring.probe import build_probe, category_of, probe_source_ids
 from trace_ds.scoring.weights import CONFLICT, Scored, Weighting, assign_weights
-from trace_ds.vocab_head import check_head
+from trace_ds.vocab_head import check_head, response_logps
 
 
 def batch_logps(
@@ -40,7 +41,7 @@ def batch_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Response log-probs (summed, or per-token means) of the chosen and rejected rows, from one concatenated
     forward (through the vocabulary-chunked head when ``tile`` > 0)."""
-    logps = batch.logps(model, tile=tile, reduction=reduction)
+    logps = response_logps(model, batch, tile=tile, reduction=reduction)
     n = batch.num_pairs
     return logps[:n], logps[n:]
 
@@ -99,8 +100,8 @@ class GhostScorer:
         if reference is not None:  # before ghost mode: the reference's calls are no part of the ghost pass
             with torch.no_grad():
                 ref_logps = reference(
-                    lambda m: batch.logps(
-                        m, tile=self.config.vocab_tile, reduction=self.config.logp_reduction
+                    lambda m: response_logps(
+                        m, batch, tile=self.config.vocab_tile, reduction=self.config.logp_reduction
                     )
                 )
         self.state.set_batch(batch.attention_mask)
@@ -269,7 +270,11 @@ def _scored(
 
 
 def _probe_pair_norms(
-    scorer: GhostScorer, strategy: Any, probe: list[TokenizedPair], dummy: list[TokenizedPair], micro_batch: int
+    scorer: GhostScorer,
+    strategy: Any,
+    probe: list[TokenizedPair],
+    dummy: list[TokenizedPair],
+    micro_batch: int,
 ) -> list[float]:
     """||grad L_j|| of every probe pair (ghost norms, sharded over ranks, gathered), in probe order."""
     mine: list[tuple[int, float]] = []
@@ -299,11 +304,14 @@ def load_partial(path: Path, fingerprint: dict[str, Any]) -> dict[str, tuple[flo
         )
     for _, record in lines:
         # a line without its gradient norm (written before norms were scored) is scored again
-        if isinstance(record, dict) and "id" in record and "raw_score" in record and record.get("grad_norm") is not None:
+        if (
+            isinstance(record, dict)
+            and "id" in record
+            and "raw_score" in record
+            and record.get("grad_norm") is not None
+        ):
             done[record["id"]] = (float(record["raw_score"]), float(record["grad_norm"]))
-    write_jsonl(
-        path, [header[1], *({"id": k, "raw_score": v, "grad_norm": n} for k, (v, n) in done.items())]
-    )
+    write_jsonl(path, [header[1], *({"id": k, "raw_score": v, "grad_norm": n} for k, (v, n) in done.items())])
     return done
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.tokenize import PLAIN_GENERATION_PROMPT, PLAIN_ROLES
+from ..data.chat import PLAIN_GENERATION_PROMPT, PLAIN_ROLES
 from ..io import TraceError, write_json, write_jsonl, write_text
 from .judge import JUDGE_NAME, judge_response
 from .policies import (
