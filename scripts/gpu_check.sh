@@ -37,7 +37,7 @@
 #   - Offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE are set; every model is built here
 #     with random weights and every data set is generated.
 #   - No DeepSpeed op is built at run time. DS_BUILD_OPS=0 only affects installs, so what matters is what the
-#     configs ask for: every DeepSpeed config used here (trace_ds.engine.cpu_ds_config, i.e. ds_configs/cpu.json
+#     configs ask for: every DeepSpeed config used here (trace_ds.runtime.engine.cpu_ds_config, i.e. ds_configs/cpu.json
 #     at a ZeRO stage, and the benchmarks' own) has no "optimizer" section, so trace-ds hands DeepSpeed its own
 #     torch.optim.AdamW (engine.Strategy.prepare_train: "optimizer" passed as a client optimizer, with
 #     zero_allow_untested_optimizer) and DeepSpeed never builds FusedAdam; none offloads (DeepSpeedCPUAdam) or
@@ -143,7 +143,7 @@ import torch
 sys.path.insert(0, os.environ["GPU_CHECK_ROOT"])
 from tests.helpers import cosine_errors, ghost_scores, reference_scores, score_config  # noqa: E402
 from trace_ds.data.tokenize import TokenizedPair  # noqa: E402
-from trace_ds.tiny import tiny_llama_config  # noqa: E402
+from trace_ds.models.tiny import tiny_llama_config  # noqa: E402
 
 p = argparse.ArgumentParser()
 for name in ("layers", "hidden", "heads", "kv-heads", "intermediate", "vocab", "pairs", "probe",
@@ -342,7 +342,7 @@ section_memory() {
 compare_plan runs `trace-ds score` and `trace-ds train` with TRACE_DS_MEMORY_REPORT through the module's
 launch(), which pins DS_ACCELERATOR=cpu (bench/memory.py); it is replaced here by one that leaves the accelerator
 to this script (cuda on a GPU run), runs in this process group (so the section's timeout reaches it) and
-records each command. The plan side is bench.memory.planned_mib: trace_ds.plan.plan(), what `trace-ds plan`
+records each command. The plan side is bench.memory.planned_mib: trace_ds.runtime.plan.plan(), what `trace-ds plan`
 prints, for the same model, ranks, ZeRO stage, fp32, micro-batch and sequence length.
 """
 import argparse
@@ -355,7 +355,7 @@ from pathlib import Path
 
 import trace_ds.bench.memory as bench_memory
 from trace_ds.io import TraceError, trace_ds_command
-from trace_ds.tiny import build_tiny_llama
+from trace_ds.models.tiny import build_tiny_llama
 
 p = argparse.ArgumentParser()
 p.add_argument("--workdir", required=True)

@@ -18,7 +18,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama model with a chat-template tokenizer, built once per test session."""
-    from trace_ds.tiny import build_tiny_pair, default_corpus
+    from trace_ds.models.tiny import build_tiny_pair, default_corpus
 
     return build_tiny_pair(tmp_path_factory.mktemp("tiny") / "model", default_corpus(), vocab_size=512)
 
@@ -26,7 +26,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def plain_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tokenizer without a chat template (the plain-format path)."""
-    from trace_ds.tiny import default_corpus, train_tokenizer
+    from trace_ds.models.tiny import default_corpus, train_tokenizer
 
     out = tmp_path_factory.mktemp("plain_tok")
     train_tokenizer(default_corpus(), out, vocab_size=512, chat_template=False)

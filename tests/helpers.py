@@ -18,13 +18,13 @@ import torch
 from trace_ds.config import ScoreConfig
 from trace_ds.data.tokenize import TokenizedPair
 from trace_ds.io import free_port, trace_ds_command
-from trace_ds.losses import npo_loss, relational_loss, sequence_logps, suppression_loss
+from trace_ds.training.losses import npo_loss, relational_loss, sequence_logps, suppression_loss
 
 
 def triaged_benchmark(root: Path, n_pairs: int, seed: int, n_eval_prompts: int, n_eval_pairs: int) -> Path:
     """A synthetic benchmark written to ``root/bench`` and triaged into ``root/triaged.jsonl`` (returned)."""
+    from trace_ds.judge.triage import run_triage
     from trace_ds.synth.generator import build_benchmark
-    from trace_ds.triage import run_triage
 
     bench = root / "bench"
     build_benchmark(

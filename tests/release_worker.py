@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from trace_ds.config import ScoreConfig, TrainConfig
-from trace_ds.engine import live_engines
+from trace_ds.runtime.engine import live_engines
 from trace_ds.scoring.scorer import run_score
-from trace_ds.train import run_train
+from trace_ds.training.train import run_train
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from trace_ds.config import TrainConfig
 from trace_ds.data.tokenize import TokenizeConfig
-from trace_ds.train import Trainer
+from trace_ds.training.train import Trainer
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trace_ds.determinism import CPU_ISA_ENV, cpu_numerics_env, pin_cpu_numerics
 from trace_ds.io import TraceError
+from trace_ds.runtime.determinism import CPU_ISA_ENV, cpu_numerics_env, pin_cpu_numerics
 
 
 def test_environment_per_setting() -> None:
@@ -45,8 +45,8 @@ def test_a_run_config_pins_this_process_and_its_launches(tmp_path: Path) -> None
     )
     script = (
         "import subprocess, sys\n"
-        "from trace_ds.cli import _pipeline\n"
-        f"_pipeline({str(tmp_path / 'c.yaml')!r})\n"
+        "from trace_ds.cli.pipeline import load_pipeline\n"
+        f"load_pipeline({str(tmp_path / 'c.yaml')!r})\n"
         f"print(subprocess.run([sys.executable, '-c', {probe!r}], capture_output=True, text=True).stdout)\n"
         f"exec({probe!r})\n"
     )

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trace_ds.engine import CPU_ZERO3_CONFIG
 from trace_ds.io import write_json
+from trace_ds.runtime.engine import CPU_ZERO3_CONFIG
 
 from .helpers import triaged_benchmark
 

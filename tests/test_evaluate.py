@@ -301,7 +301,7 @@ def test_perplexity_on_stable_and_shifted_text(tiny_model_dir: Path, tmp_path: P
     overall figure pools their totals and equals a pass over general.txt."""
     from trace_ds.evaluate.metrics import perplexity
     from trace_ds.evaluate.run import perplexity_metrics
-    from trace_ds.models import load_causal_lm, load_tokenizer
+    from trace_ds.models.loading import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir), True)
     stable = ["User: How do I bake bread?\nAssistant: Knead the dough.", "User: A poem?\nAssistant: Roses."]
@@ -347,7 +347,7 @@ def _evaluation(
     def group(value: float, prompts: int) -> dict:
         return {"tpa": value, "ci95": wilson_interval(round(value * prompts), prompts), "prompts": prompts}
 
-    from trace_ds.fingerprint import environment_fingerprint
+    from trace_ds.runtime.fingerprint import environment_fingerprint
 
     return {
         "preference": {
@@ -506,7 +506,7 @@ def test_fingerprint_records_cpu_threads_env_and_versions(tmp_path: Path, monkey
 
     import torch
 
-    from trace_ds import fingerprint
+    from trace_ds.runtime import fingerprint
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     info = tmp_path / "cpuinfo"
@@ -534,7 +534,7 @@ def test_fingerprint_records_cpu_threads_env_and_versions(tmp_path: Path, monkey
 def test_fingerprint_never_crashes_on_a_bare_machine(monkeypatch) -> None:
     from importlib import metadata
 
-    from trace_ds import fingerprint
+    from trace_ds.runtime import fingerprint
 
     def missing(name: str) -> str:
         raise metadata.PackageNotFoundError(name)

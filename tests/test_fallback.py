@@ -199,7 +199,7 @@ def test_forced_fallback_equals_the_dedicated_paths(
 
 
 def test_forced_fallback_with_gradient_checkpointing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trace_ds.models import enable_gradient_checkpointing
+    from trace_ds.models.loading import enable_gradient_checkpointing
 
     model = custom_model()
     probe, pairs = random_pairs(3, 50, "probe"), random_pairs(5, 51)
@@ -412,7 +412,7 @@ def tiny_run_inputs(root: Path, n: int = 9) -> tuple[Path, Path]:
     """A bare tiny Llama folder and pre-tokenized triaged pairs (no tokenizer needed)."""
     import random
 
-    from trace_ds.tiny import build_tiny_llama
+    from trace_ds.models.tiny import build_tiny_llama
 
     build_tiny_llama(root / "model", vocab_size=120, hidden_size=32, intermediate_size=48)
     rng = random.Random(0)

@@ -1,8 +1,8 @@
-"""2-rank ZeRO-3 scoring equals one process on every model family of trace_ds.tiny.FAMILIES, in ONE launch.
+"""2-rank ZeRO-3 scoring equals one process on every model family of trace_ds.models.tiny.FAMILIES, in ONE launch.
 
 Covered: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2, granite (built with
-Granite's multipliers while trace_ds.tiny.FAMILIES lacks it), mixtral and qwen3_moe, each a tiny random model
-of trace_ds.tiny (transformers' own classes, every parameter perturbed); tied input/output embeddings for
+Granite's multipliers while trace_ds.models.tiny.FAMILIES lacks it), mixtral and qwen3_moe, each a tiny random model
+of trace_ds.models.tiny (transformers' own classes, every parameter perturbed); tied input/output embeddings for
 llama, qwen3, gemma and gemma3_text, untied for the others (plain and scaled embeddings, dense and MoE, both
 ways). One more job scores the Mixtral model with its experts and routers forced onto the generic fallback
 (``TRACE_DS_GHOST_FALLBACK``, set by the worker for that job only) and compares it with the one-process
@@ -33,8 +33,8 @@ import pytest
 import torch
 
 from trace_ds.io import free_port, write_jsonl
+from trace_ds.models.tiny import FAMILIES, MOE_FAMILIES, build_tiny_family, default_corpus, train_tokenizer
 from trace_ds.scoring.fallback import FORCE_ENV
-from trace_ds.tiny import FAMILIES, MOE_FAMILIES, build_tiny_family, default_corpus, train_tokenizer
 
 from .helpers import read_lines
 from .zero3_score_worker import routing_hits
@@ -45,9 +45,9 @@ STEER_EXPERT = 3
 # family -> experts implementation (absent: transformers' default, grouped_mm; "eager": its loop over the
 # experts hit, which on rank 1 never visits STEER_EXPERT)
 EXPERTS: dict[str, str] = {"qwen3_moe": "eager"}
-# family -> tie_word_embeddings where it differs from trace_ds.tiny's default (tied there: qwen3, the Gemmas)
+# family -> tie_word_embeddings where it differs from trace_ds.models.tiny's default (tied there: qwen3, the Gemmas)
 TIED: dict[str, bool] = {"llama": True, "gemma2": False}
-# Granite's multipliers (as tests/test_families.py), used while trace_ds.tiny.FAMILIES has no "granite"
+# Granite's multipliers (as tests/test_families.py), used while trace_ds.models.tiny.FAMILIES has no "granite"
 GRANITE = {
     "embedding_multiplier": 3.0,
     "logits_scaling": 2.0,

@@ -1,4 +1,4 @@
-"""LoRA on every model family of trace_ds.tiny.FAMILIES (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo2,
+"""LoRA on every model family of trace_ds.models.tiny.FAMILIES (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo2,
 Mixtral, Qwen3-MoE), each a tiny random model built with transformers' own classes (docs/compatibility.md).
 
 With only the adapters trainable, the ghost scores equal the fp64 per-pair autograd reference of tests/helpers.py
@@ -22,8 +22,8 @@ from torch import nn
 from trace_ds.config import LoraConfig
 from trace_ds.data.batching import collate_pairs
 from trace_ds.io import TraceError, write_jsonl
-from trace_ds.models import attach_lora, load_causal_lm
-from trace_ds.tiny import FAMILIES, MOE_FAMILIES, PAD_ID
+from trace_ds.models.loading import attach_lora, load_causal_lm
+from trace_ds.models.tiny import FAMILIES, MOE_FAMILIES, PAD_ID
 
 from .helpers import (
     cosine_errors,
@@ -79,8 +79,8 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def triaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two text pairs of each category (one optimizer step holds all six)."""
+    from trace_ds.judge.triage import run_triage
     from trace_ds.synth.generator import build_benchmark
-    from trace_ds.triage import run_triage
 
     root = tmp_path_factory.mktemp("lora_pairs")
     build_benchmark(root / "bench", n_pairs=24, seed=7, n_eval_prompts=3, n_eval_pairs=6)
@@ -102,7 +102,7 @@ def test_lora_targets_default_or_family_specific(family: str, families: dict[str
     them naming exactly the missing modules, and so does `trace-ds plan`. The chosen targets attach, and
     `trace-ds plan --lora` counts the
     adapters' elements as attach_lora makes them."""
-    from trace_ds.plan import model_shape
+    from trace_ds.runtime.plan import model_shape
 
     model = load_causal_lm(str(families[family]))
     default = LoraConfig().target_modules
@@ -179,7 +179,7 @@ def test_lora_training_merged_export_reloads_in_transformers(
     from trace_ds.data.pairs import read_pairs
     from trace_ds.data.stream import TrainRecord
     from trace_ds.scoring.scorer import run_score
-    from trace_ds.train import Trainer
+    from trace_ds.training.train import Trainer
 
     targets = lora_targets(family)
     initial = AutoModelForCausalLM.from_pretrained(families[family]).eval()

@@ -1,4 +1,4 @@
-"""Training, export, partitioned ZeRO-3 loading and evaluation on every model family of trace_ds.tiny.FAMILIES
+"""Training, export, partitioned ZeRO-3 loading and evaluation on every model family of trace_ds.models.tiny.FAMILIES
 (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo2, Mixtral, Qwen3-MoE), each a tiny random model built with
 transformers' own classes and saved as save_pretrained writes it (per-expert tensors for the MoE models)."""
 
@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from trace_ds.io import TraceError, free_port, write_jsonl
+from trace_ds.judge.triage import run_triage
+from trace_ds.models.tiny import FAMILIES, MOE_FAMILIES, build_tiny_family, default_corpus, train_tokenizer
 from trace_ds.synth.generator import build_benchmark
-from trace_ds.tiny import FAMILIES, MOE_FAMILIES, build_tiny_family, default_corpus, train_tokenizer
-from trace_ds.triage import run_triage
 
 from .helpers import read_lines
 
@@ -34,7 +34,7 @@ MOE_AUX = {"output_router_logits": True, "router_aux_loss_coef": 0.5}
 
 
 def build_families(root: Path) -> dict[str, Path]:
-    """A saved tiny random model of every family of trace_ds.tiny.FAMILIES (MoE ones with MOE_AUX)."""
+    """A saved tiny random model of every family of trace_ds.models.tiny.FAMILIES (MoE ones with MOE_AUX)."""
     tokenizer = train_tokenizer(default_corpus(), root / "tokenizer", vocab_size=512)
     out = {}
     for index, family in enumerate(FAMILIES):
@@ -93,7 +93,7 @@ def test_training_export_reloads_in_transformers_with_the_trained_logits(
     from trace_ds.config import TrainConfig
     from trace_ds.data.pairs import read_pairs
     from trace_ds.data.stream import TrainRecord
-    from trace_ds.train import Trainer
+    from trace_ds.training.train import Trainer
 
     out = tmp_path / "run"
     config = TrainConfig(
@@ -145,8 +145,8 @@ def test_moe_batch_logits_leave_the_router_loss_out(
     from trace_ds.data.batching import collate_pairs
     from trace_ds.data.pairs import read_pairs
     from trace_ds.data.tokenize import tokenize_pair
-    from trace_ds.losses import reduce_step_loss, sequence_logps
-    from trace_ds.train import compute_losses
+    from trace_ds.training.losses import reduce_step_loss, sequence_logps
+    from trace_ds.training.train import compute_losses
 
     for family, module_name in (("mixtral", "mixtral"), ("qwen3_moe", "qwen3_moe")):
         modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
@@ -288,7 +288,7 @@ def test_moe_layouts_load_exactly_in_one_process(families: dict[str, Path], tmp_
     """Without ZeRO-3 the partitioned loader fills whole tensors: every layout gives what transformers loads."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trace_ds.partitioned import load_partitioned_weights, safetensors_weight_map
+    from trace_ds.runtime.partitioned import load_partitioned_weights, safetensors_weight_map
 
     layouts = {family: families[family] for family in MOE_FAMILIES}
     for name, folder in {**layouts, **checkpoint_layouts(families, tmp_path)}.items():
@@ -304,7 +304,7 @@ def test_moe_layouts_load_exactly_in_one_process(families: dict[str, Path], tmp_
 
 
 def test_expert_layouts_that_do_not_fit_are_refused() -> None:
-    from trace_ds.partitioned import tensor_sources
+    from trace_ds.runtime.partitioned import tensor_sources
 
     shape = (2, 8, 4)  # 2 experts, intermediate 4 (gate + up rows), hidden 4
     qwen = {f"model.l.mlp.experts.{e}.{p}.weight": [4, 4] for e in range(2) for p in ("gate_proj", "up_proj")}

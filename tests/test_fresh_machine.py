@@ -142,7 +142,7 @@ def test_score_names_the_missing_model_before_any_other_option(tmp_path: Path) -
 
 
 def test_a_model_folder_gone_at_run_time_marks_no_stage_done(tmp_path: Path) -> None:
-    from trace_ds.pipeline import Pipeline, load_config
+    from trace_ds.pipeline.runner import Pipeline, load_config
 
     model = tmp_path / "model"
     model.mkdir()
@@ -159,7 +159,7 @@ def test_a_model_folder_gone_at_run_time_marks_no_stage_done(tmp_path: Path) -> 
 def test_rerun_to_resume_is_said_only_when_a_rerun_can_help(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exit_code: int, resumable: bool
 ) -> None:
-    import trace_ds.pipeline as pipeline_module
+    import trace_ds.pipeline.runner as pipeline_module
 
     model = tmp_path / "model"
     model.mkdir()
@@ -210,7 +210,7 @@ def test_json_lines_in_a_json_file_read_like_a_jsonl_file(tmp_path: Path) -> Non
 
 
 def test_build_tiny_writes_a_model_folder_atomically_from_a_corpus(tmp_path: Path) -> None:
-    from trace_ds.tiny import default_corpus
+    from trace_ds.models.tiny import default_corpus
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(default_corpus()[:400]))
@@ -243,7 +243,7 @@ def test_build_tiny_writes_a_model_folder_atomically_from_a_corpus(tmp_path: Pat
 
 
 def test_a_shipped_deepspeed_config_resolves_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trace_ds.deepspeed_configs import resolve_deepspeed_config, shipped_configs
+    from trace_ds.runtime.deepspeed_configs import resolve_deepspeed_config, shipped_configs
 
     shipped = shipped_configs()
     assert {"cpu", "zero2", "zero3", "zero3_offload"} <= set(shipped)
@@ -279,7 +279,7 @@ def _hold_open(path: Path) -> subprocess.Popen:
 
 
 def test_only_locks_no_live_process_holds_are_removed(tmp_path: Path) -> None:
-    from trace_ds.build_locks import clear_stale_build_locks
+    from trace_ds.runtime.build_locks import clear_stale_build_locks
 
     stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
     held = tmp_path / "other_op" / "lock"
@@ -302,7 +302,7 @@ def test_a_stale_op_build_lock_does_not_hang_a_launch(tmp_path: Path) -> None:
     """A DeepSpeed process group on the CPU loads (or JIT-builds) the shm op through torch's FileBaton, which
     waits forever on a lock left by a killed build. The built op is copied from this venv's extensions folder
     when there is one (else built here once)."""
-    from trace_ds.build_locks import extensions_root
+    from trace_ds.runtime.build_locks import extensions_root
 
     extensions = tmp_path / "torch_extensions"
     built = extensions_root() / "deepspeed_shm_comm"
@@ -315,7 +315,7 @@ def test_a_stale_op_build_lock_does_not_hang_a_launch(tmp_path: Path) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     code = (
-        "from trace_ds.engine import CPU_ZERO3_CONFIG, Strategy\n"
+        "from trace_ds.runtime.engine import CPU_ZERO3_CONFIG, Strategy\n"
         "strategy = Strategy.create(CPU_ZERO3_CONFIG)\n"
         "print('process group up on', strategy.world_size, 'rank')\n"
     )

@@ -28,8 +28,8 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny random Llama, 36 pre-tokenized triaged pairs (12 per category) and their scores from
     ``trace-ds score``'s own code (a built probe of 9 pairs)."""
     from trace_ds.config import ScoreConfig
+    from trace_ds.models.tiny import build_tiny_llama
     from trace_ds.scoring.scorer import run_score
-    from trace_ds.tiny import build_tiny_llama
 
     root = tmp_path_factory.mktemp("influence")
     build_tiny_llama(root / "model", vocab_size=120, hidden_size=32, intermediate_size=48)

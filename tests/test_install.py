@@ -122,7 +122,7 @@ def test_installed_wheel_runs_end_to_end_outside_the_source_tree(built_wheel: Pa
 
     # the user's rehearsal model: `trace-ds build-tiny` from a text corpus (issue 20), scored and trained below
     _run(
-        [python, "-c", "from trace_ds.tiny import default_corpus; open('corpus.txt', 'w').write('\\n\\n'.join(default_corpus()))"],
+        [python, "-c", "from trace_ds.models.tiny import default_corpus; open('corpus.txt', 'w').write('\\n\\n'.join(default_corpus()))"],
         work,
         env,
     )

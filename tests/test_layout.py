@@ -128,3 +128,19 @@ def test_no_module_imports_another_modules_private_name() -> None:
     assert not found, "private names imported from another module (make them public or move them):\n" + "\n".join(
         found
     )
+
+
+def test_the_moved_documented_import_path_still_works_and_warns() -> None:
+    """docs/ showed ``from trace_ds.tiny import ...``; it moved to trace_ds.models.tiny and the old path is
+    kept for one release (docs/compatibility.md)."""
+    import subprocess
+    import sys
+
+    code = "from trace_ds.tiny import build_tiny_llama, tiny_llama_config; print(build_tiny_llama.__module__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "trace_ds.models.tiny", result.stderr[-2000:]
+    assert "trace_ds.tiny moved to trace_ds.models.tiny" in result.stderr  # a script's own import is told
+    strict = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert strict.returncode != 0 and "trace_ds.tiny moved to trace_ds.models.tiny" in strict.stderr

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trace_ds.losses import (
+from trace_ds.training.losses import (
     dpo_loss,
     ipo_loss,
     npo_loss,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trace_ds import partitioned
 from trace_ds.bench.memory import run_load_benchmark
-from trace_ds.partitioned import SafetensorsReader, safetensors_weight_map
-from trace_ds.tiny import build_tiny_llama
+from trace_ds.models.tiny import build_tiny_llama
+from trace_ds.runtime import partitioned
+from trace_ds.runtime.partitioned import SafetensorsReader, safetensors_weight_map
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_plain_model_loads_through_the_reader_with_either_key_prefix(tmp_path: P
     without the base-model prefix ("model.") loads; a missing tensor is named."""
     from transformers import AutoModelForCausalLM
 
-    from trace_ds.partitioned import load_partitioned_weights
+    from trace_ds.runtime.partitioned import load_partitioned_weights
 
     source = build_tiny_llama(tmp_path / "saved", 300, hidden_size=64, num_layers=2, seed=3)
     weight_map = safetensors_weight_map(str(tmp_path / "saved")) or {}

@@ -1,4 +1,4 @@
-"""G kept partitioned like ZeRO-3 keeps parameters (trace_ds.engine.PartitionedProbeGradient): one expert's
+"""G kept partitioned like ZeRO-3 keeps parameters (trace_ds.runtime.engine.PartitionedProbeGradient): one expert's
 piece of a stacked tensor (or any range of rows) is gathered and added alone, and equals the same slice of the whole tensor, also
 when a rank's shard boundary falls inside a piece. Two gloo processes, on the CPU."""
 
@@ -20,7 +20,7 @@ def _rank(rank: int, world: int, port: int, errors: mp.Queue[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from trace_ds.engine import PartitionedProbeGradient
+        from trace_ds.runtime.engine import PartitionedProbeGradient
 
         for shape in SHAPES:
             param = torch.zeros(shape)

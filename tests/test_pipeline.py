@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from trace_ds.cli import main
 from trace_ds.io import TraceError
-from trace_ds.pipeline import Pipeline, load_config
+from trace_ds.pipeline.runner import Pipeline, load_config
 
 SMALL = {
     "seed": 0,

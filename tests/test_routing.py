@@ -10,14 +10,14 @@ import torch
 from trace_ds.config import TrainConfig
 from trace_ds.data.batching import collate_pairs
 from trace_ds.data.tokenize import TokenizedPair
-from trace_ds.losses import ipo_loss, npo_loss, sequence_logps, token_kl
-from trace_ds.train import STAT_KEYS, compute_losses
+from trace_ds.training.losses import ipo_loss, npo_loss, sequence_logps, token_kl
+from trace_ds.training.train import STAT_KEYS, compute_losses
 
 
 def test_each_head_gets_its_pairs_and_nothing_else(tmp_path) -> None:
     from transformers import LlamaForCausalLM
 
-    from trace_ds.tiny import tiny_llama_config
+    from trace_ds.models.tiny import tiny_llama_config
 
     torch.manual_seed(0)
     policy = LlamaForCausalLM(
@@ -86,7 +86,7 @@ def test_kl_head_pulls_retention_back_to_the_reference() -> None:
     """Retention pairs move the KL term: optimising alpha * KL alone brings a drifted policy back."""
     from transformers import LlamaForCausalLM
 
-    from trace_ds.tiny import tiny_llama_config
+    from trace_ds.models.tiny import tiny_llama_config
 
     torch.manual_seed(1)
     reference = LlamaForCausalLM(

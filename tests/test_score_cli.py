@@ -246,7 +246,7 @@ def test_pretokenized_pairs_need_no_tokenizer(triaged: Path, tmp_path: Path) -> 
     """A model folder without tokenizer files scores pre-tokenized pairs (ids used as given)."""
     import random
 
-    from trace_ds.tiny import build_tiny_llama
+    from trace_ds.models.tiny import build_tiny_llama
 
     model_dir = tmp_path / "bare_model"
     build_tiny_llama(model_dir, vocab_size=300)

@@ -20,8 +20,8 @@ VOCAB = 97
 def tiny_model(tied: bool, seed: int = 0, lora: bool = False) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
-    from trace_ds.models import attach_lora
-    from trace_ds.tiny import tiny_llama_config
+    from trace_ds.models.loading import attach_lora
+    from trace_ds.models.tiny import tiny_llama_config
 
     config = tiny_llama_config(
         VOCAB,
@@ -151,7 +151,7 @@ def test_model_level_scores_with_the_triton_kernel() -> None:
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_gives_the_same_scores(lora: bool) -> None:
-    from trace_ds.models import enable_gradient_checkpointing
+    from trace_ds.models.loading import enable_gradient_checkpointing
 
     model = tiny_model(tied=False, lora=lora)
     probe, pairs = random_pairs(3, 50, "probe"), random_pairs(5, 51)

@@ -11,7 +11,7 @@ import pytest
 
 from trace_ds.data.stream import PairStream, TrainRecord, load_weights
 from trace_ds.io import BadRecord, TraceError, write_jsonl
-from trace_ds.train import StepData, ceil_div
+from trace_ds.training.train import StepData, ceil_div
 
 CATEGORIES = ("inversion", "suppression", "retention")
 
@@ -339,7 +339,7 @@ def run_steps(
     epochs: int | None,
     steps: int | None = None,
 ) -> list[dict]:
-    """The trainer's data side for every rank of a world, step by step (``trace_ds.train.StepData``): per step
+    """The trainer's data side for every rank of a world, step by step (``trace_ds.training.train.StepData``): per step
     the ids each rank took, the epoch, and each rank's ``epoch_done`` afterwards. Ends when every rank is out
     of data (``epochs``) or after ``steps`` steps."""
     ranks = [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trace_ds.study import ARMS, NOISE_ARMS, QUICK, metric_values, steps_per_pass
+from trace_ds.pipeline.study import ARMS, NOISE_ARMS, QUICK, metric_values, steps_per_pass
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

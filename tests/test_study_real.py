@@ -11,8 +11,8 @@ import yaml
 from click.testing import CliRunner
 
 from trace_ds.cli import main
-from trace_ds.study_real import real_markdown, seed_config, summarise_arms
-from trace_ds.study_weighting import combos_named
+from trace_ds.pipeline.real_study import real_markdown, seed_config, summarise_arms
+from trace_ds.pipeline.weighting_study import combos_named
 
 BASE = {
     "workdir": "runs/real",

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trace_ds.tiny import (
+from trace_ds.models.tiny import (
     BOS_ID,
     CHAT_TEMPLATE,
     EOS_ID,

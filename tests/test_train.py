@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from trace_ds.io import write_jsonl
+from trace_ds.judge.triage import run_triage
 from trace_ds.synth.generator import build_benchmark
-from trace_ds.triage import run_triage
 
 from .helpers import kill_when_lines, read_lines
 
@@ -355,7 +355,7 @@ def test_lora_trains_from_the_scoring_adapter_and_exports_it(
 
 
 def test_split_counts_is_exact() -> None:
-    from trace_ds.train import split_counts
+    from trace_ds.training.train import split_counts
 
     for count in range(0, 13):
         for shares in (

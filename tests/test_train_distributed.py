@@ -48,7 +48,7 @@ def records() -> list[dict]:
 @pytest.fixture(scope="module")
 def tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with lm_head tied to the embedding (one ZeRO-3 parameter read by both ends)."""
-    from trace_ds.tiny import build_tiny_pair, default_corpus
+    from trace_ds.models.tiny import build_tiny_pair, default_corpus
 
     out = tmp_path_factory.mktemp("tied") / "model"
     return build_tiny_pair(out, default_corpus(), vocab_size=512, tie_word_embeddings=True)

@@ -9,8 +9,8 @@ import pytest
 
 from trace_ds.data.pairs import Pair
 from trace_ds.io import BadRecord, TraceError, write_jsonl
+from trace_ds.judge.triage import categorize, output_paths, run_triage, triage
 from trace_ds.judge.verdicts import Verdict, read_verdicts
-from trace_ds.triage import categorize, output_paths, run_triage, triage
 
 
 def pair(pair_id: str) -> Pair:

@@ -1,4 +1,4 @@
-"""The vocabulary-chunked LM head (trace_ds/vocab_head.py) against the full-logits path: summed log-probs, the
+"""The vocabulary-chunked LM head (trace_ds/training/vocab_head.py) against the full-logits path: summed log-probs, the
 retention KL, their gradients, the step's losses and the ghost scores, in fp32, for every family (logit
 transforms included: Gemma 2's soft-capping, Granite's scaling), with tiles that do not divide the vocabulary."""
 
@@ -13,9 +13,9 @@ from torch import nn
 from trace_ds.config import TrainConfig
 from trace_ds.data.batching import collate_pairs
 from trace_ds.io import TraceError
-from trace_ds.losses import reduce_logps, reduce_step_loss, sequence_logps, token_kl
-from trace_ds.train import compute_losses
-from trace_ds.vocab_head import check_head, run_head
+from trace_ds.training.losses import reduce_logps, reduce_step_loss, sequence_logps, token_kl
+from trace_ds.training.train import compute_losses
+from trace_ds.training.vocab_head import check_head, run_head
 
 from .helpers import cosine_errors, ghost_scores, random_pairs, reference_scores, score_config
 from .test_families import FAMILIES, PAD, VOCAB, categories_for, eager_experts, family_model

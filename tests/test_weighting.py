@@ -127,7 +127,7 @@ def test_unit_probe_and_cosine_scores_equal_fp64_per_pair_gradients(
 
 
 def test_the_screen_ranks_at_matched_utility_and_puts_unmatched_combinations_last() -> None:
-    from trace_ds.study_weighting import ranking
+    from trace_ds.pipeline.weighting_study import ranking
 
     def point(combo: str, tpa: float, ppl: float) -> dict:
         return {"combo": combo, "tpa_all": tpa, "ppl_stable": ppl}

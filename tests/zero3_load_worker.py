@@ -29,8 +29,8 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from trace_ds.bench.memory import verify_against_checkpoint
-    from trace_ds.engine import strategy_for
-    from trace_ds.models import load_causal_lm
+    from trace_ds.models.loading import load_causal_lm
+    from trace_ds.runtime.engine import strategy_for
 
     out = Path(args.out)
     with strategy_for(args.deepspeed, 1, "float32", stage="load") as strategy:

@@ -35,10 +35,10 @@ from typing import Any
 
 @contextlib.contextmanager
 def routing_hits(experts: str | None = None) -> Iterator[dict[str, set[int]]]:
-    """While inside, every model ``trace_ds.models.load_causal_lm`` builds records, per router module (a class
+    """While inside, every model ``trace_ds.models.loading.load_causal_lm`` builds records, per router module (a class
     named ``*TopKRouter``), the experts its forward calls selected (backward recomputes call the forward
     directly and are not counted). ``experts`` sets the model's experts implementation (e.g. "eager")."""
-    import trace_ds.models as models
+    import trace_ds.models.loading as models
 
     hits: dict[str, set[int]] = {}
     original = models.load_causal_lm

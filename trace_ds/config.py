@@ -66,13 +66,13 @@ def check_model_source(name: str, option: str = "--model") -> None:
 
 def resolve_deepspeed_option(config: Any) -> None:
     """A stage config's ``deepspeed`` (a file, or a shipped config's name) replaced by the file it names."""
-    from trace_ds.deepspeed_configs import resolve_deepspeed_config
+    from trace_ds.runtime.deepspeed_configs import resolve_deepspeed_config
 
     if config.deepspeed is not None:
         object.__setattr__(config, "deepspeed", resolve_deepspeed_config(config.deepspeed))
 
 
-DEFAULT_VOCAB_TILE = 8192  # vocabulary rows per tile of the chunked head (trace_ds/vocab_head.py)
+DEFAULT_VOCAB_TILE = 8192  # vocabulary rows per tile of the chunked head (trace_ds/training/vocab_head.py)
 
 
 def check_vocab_tile(tile: int) -> None:
@@ -234,7 +234,7 @@ class TrainConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     vocab_tile: int = DEFAULT_VOCAB_TILE
     logp_reduction: Literal["sum", "mean"] = "sum"
-    rescore_every: int | None = None  # re-score every conflict pair every K steps (trace_ds/rescore.py)
+    rescore_every: int | None = None  # re-score every conflict pair every K steps (trace_ds/training/rescore.py)
 
     def __post_init__(self) -> None:
         check_model_source(self.model)

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from trace_ds.engine import cpu_ds_config
 from trace_ds.io import TraceError, trace_ds_command, write_json
-from trace_ds.memory import MIB, REPORT_ENV, MemoryMeter
+from trace_ds.runtime.engine import cpu_ds_config
+from trace_ds.runtime.memory import MIB, REPORT_ENV, MemoryMeter
 
 LOADERS = ("trace-ds", "transformers")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -31,7 +31,7 @@ def checkpoint_mib(model_dir: str | Path) -> float:
 def _transformers_load(name: str, dtype: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from trace_ds.models import DTYPES
+    from trace_ds.models.loading import DTYPES
 
     return AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
 
@@ -49,7 +49,7 @@ def verify_against_checkpoint(model: torch.nn.Module, name: str) -> int:
     import deepspeed
     from safetensors import safe_open
 
-    from trace_ds.partitioned import SafetensorsReader, safetensors_weight_map, tensor_sources
+    from trace_ds.runtime.partitioned import SafetensorsReader, safetensors_weight_map, tensor_sources
 
     weight_map = safetensors_weight_map(name) or {}
     shapes: dict[str, list[int]] = {}
@@ -86,8 +86,8 @@ def verify_against_checkpoint(model: torch.nn.Module, name: str) -> int:
 def measure_load(model: str, deepspeed: str, loader: str, dtype: str, out: str, verify: bool) -> None:
     """One rank of a loading measurement: the peak memory growth from building the model partitioned and
     filling it from the checkpoint. Rank 0 writes every rank's record to ``out``."""
-    from trace_ds.engine import strategy_for
-    from trace_ds.models import load_causal_lm
+    from trace_ds.models.loading import load_causal_lm
+    from trace_ds.runtime.engine import strategy_for
 
     with strategy_for(deepspeed, 1, dtype, stage=f"load:{loader}") as strategy:
         _import_model_class(model)  # a fixed cost that is not loading: keep it out of the measurement
@@ -210,7 +210,7 @@ def planned_mib(
 ) -> dict[str, float]:
     """`trace-ds plan`'s scoring and training totals (MiB per rank) for the measured launch: fp32 on the CPU."""
     from trace_ds.config import LoraConfig
-    from trace_ds.plan import PlanSettings, model_shape, plan
+    from trace_ds.runtime.plan import PlanSettings, model_shape, plan
 
     settings = PlanSettings(
         ranks_per_node=ranks, zero=zero, micro_batch=micro_batch, seq_len=seq_len, dtype="float32",
@@ -260,7 +260,7 @@ def run_memory_benchmark(settings: dict[str, Any], out: str | None = None) -> di
     for layers in settings["layers"]:
         model_dir = workdir / "models" / f"layers{layers}"
         if not (model_dir / "model.safetensors").exists():
-            from trace_ds.tiny import build_tiny_llama
+            from trace_ds.models.tiny import build_tiny_llama
 
             heads = max(settings["hidden"] // 64, 1)
             build_tiny_llama(

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from trace_ds.memory import lifetime_peak_rss_mib
+from trace_ds.runtime.memory import lifetime_peak_rss_mib
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # every arm on the GPU when there is one
 
@@ -49,12 +49,12 @@ ARMS = ("floor", "ghost", "ghost+norms", "per-pair", "reference-code")
 
 
 def _model(settings: dict[str, Any]) -> torch.nn.Module:
-    """The benchmark's random model: Llama by default, or another family of ``trace_ds.tiny.FAMILIES`` at the
+    """The benchmark's random model: Llama by default, or another family of ``trace_ds.models.tiny.FAMILIES`` at the
     same width and depth. An MoE family gets ``experts`` experts, top 2, each half the dense MLP's width, so a
     token's MLP costs what the dense model's does (the MoE holds experts / 2 times the MLP weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trace_ds.tiny import FAMILIES, MOE_FAMILIES
+    from trace_ds.models.tiny import FAMILIES, MOE_FAMILIES
 
     family, hidden, vocab = settings.get("family", "llama"), settings["hidden"], settings["vocab"]
     heads = max(hidden // 64, 1)

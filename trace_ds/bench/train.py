@@ -5,7 +5,7 @@ order, with the same DPO loss (sigmoid, same beta), optimizer (torch AdamW, no w
 schedule (cosine, no warm-up), gradient clipping, micro-batch, number of optimizer steps, process count and
 DeepSpeed config, with a live reference model:
 
-* ``trace-ds``: :class:`trace_ds.train.Trainer`, every pair an ``inversion`` of weight 1 routed to the
+* ``trace-ds``: :class:`trace_ds.training.train.Trainer`, every pair an ``inversion`` of weight 1 routed to the
   relational head with ``--relational dpo`` (so the retention and suppression heads are idle);
 * ``trl``: ``trl.DPOTrainer`` with ``loss_type="sigmoid"``, ``ref_model`` given, no precomputed
   reference log-probs, no evaluation, no checkpoints, no logging.
@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trace_ds.engine import cpu_ds_config
 from trace_ds.io import free_port
-from trace_ds.memory import lifetime_peak_rss_mib
+from trace_ds.runtime.engine import cpu_ds_config
+from trace_ds.runtime.memory import lifetime_peak_rss_mib
 
 ARMS = ("trace-ds", "trl")
 
@@ -75,7 +75,7 @@ DS_STAGES = (0, 2, 3)
 def prepare_work(settings: dict[str, Any]) -> dict[str, str]:
     """Build the model folder, the triaged pairs, the scores and the DeepSpeed configs in the workdir."""
     from trace_ds.io import write_json, write_jsonl
-    from trace_ds.tiny import build_tiny_llama, default_corpus, train_tokenizer
+    from trace_ds.models.tiny import build_tiny_llama, default_corpus, train_tokenizer
 
     work = Path(settings["workdir"])
     model_dir = work / "model"
@@ -223,7 +223,7 @@ class _StepClock:
 def _run_trace_ds(settings: dict[str, Any], clock: _StepClock) -> None:
     from trace_ds.config import TrainConfig
     from trace_ds.data.tokenize import TokenizeConfig
-    from trace_ds.train import STAT_KEYS, Trainer
+    from trace_ds.training.train import STAT_KEYS, Trainer
 
     class TimedTrainer(Trainer):
         def _train_step(self, records: Any, dummy: Any, pairs_in_step: int) -> Any:

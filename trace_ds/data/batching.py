@@ -32,8 +32,8 @@ class PairBatch:
 
     def logits(self, model: torch.nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``model``'s logits for the batch (or the given rows of it): the one way every stage calls a model
-        (MoE models without the router's auxiliary loss: trace_ds.models.forward_settings)."""
-        from trace_ds.models import forward_settings
+        (MoE models without the router's auxiliary loss: trace_ds.models.loading.forward_settings)."""
+        from trace_ds.models.loading import forward_settings
 
         def pick(tensor: torch.Tensor) -> torch.Tensor:
             return tensor if rows is None else tensor.index_select(0, rows)

@@ -26,8 +26,8 @@ from typing import Any
 
 from trace_ds.data.pairs import Pair, iter_pairs
 from trace_ds.io import BadRecord, Position, TraceError, iter_jsonl
-from trace_ds.triage import BASELINE_CATEGORIES, CONFLICT_CATEGORIES
-from trace_ds.triage import CATEGORIES as TRIAGE_CATEGORIES
+from trace_ds.judge.triage import BASELINE_CATEGORIES, CONFLICT_CATEGORIES
+from trace_ds.judge.triage import CATEGORIES as TRIAGE_CATEGORIES
 
 CATEGORIES = TRIAGE_CATEGORIES + BASELINE_CATEGORIES
 TRAINED_CONFLICT = CONFLICT_CATEGORIES + BASELINE_CATEGORIES
@@ -144,7 +144,7 @@ class PairStream:
         Emitting the epoch's last item leaves the stream in that state at once (the buffer drains only after
         the source is exhausted), so no further read is needed to know. The trainer relies on this being the
         same on every rank after each step: a rank that took a full step ends its step at the end of a round,
-        and a rank that ran out has emitted everything (see ``StepData`` in ``trace_ds/train.py``).
+        and a rank that ran out has emitted everything (see ``StepData`` in ``trace_ds/training/train.py``).
         """
         return self._exhausted and not self._buffer
 

@@ -38,7 +38,7 @@ from trace_ds.data.batching import collate_pairs
 from trace_ds.data.pairs import read_pairs
 from trace_ds.data.tokenize import TokenizeConfig, TokenizedPair, tokenize_pair
 from trace_ds.io import TraceError, iter_jsonl_lenient, write_json
-from trace_ds.losses import relational_loss
+from trace_ds.training.losses import relational_loss
 
 # lr=None (the default) calibrates the step: no fixed eta suits every model and loss. Measured (scores of 20 pairs
 # each): on a tiny random Llama (IPO, sum) eta = 1e-5 gives Spearman 0.998 and -dJ_i / (eta s_i) within 7% of 1,
@@ -103,9 +103,9 @@ def influence_check(
     ``probe_loss`` (J at theta_ref), ``seconds``, ``settings`` and ``points``:
     ``[{id, category, raw_score, probe_loss_change}]`` in scores-file order.
     """
-    from trace_ds.models import load_causal_lm, load_tokenizer, pad_token_id
+    from trace_ds.models.loading import load_causal_lm, load_tokenizer, pad_token_id
     from trace_ds.scoring.probe import category_of
-    from trace_ds.vocab_head import check_head
+    from trace_ds.training.vocab_head import check_head
 
     started = time.perf_counter()
     if sample < 1:

@@ -16,9 +16,9 @@ from trace_ds.console import progress
 from trace_ds.data.batching import collate_pairs, left_padded, text_batch
 from trace_ds.data.pairs import Pair
 from trace_ds.data.tokenize import TokenizeConfig, encode_prompt, tokenize_pair
-from trace_ds.models import forward_settings
-from trace_ds.train import STAT_KEYS, compute_losses, summarise_stats
-from trace_ds.vocab_head import response_logps
+from trace_ds.models.loading import forward_settings
+from trace_ds.training.train import STAT_KEYS, compute_losses, summarise_stats
+from trace_ds.training.vocab_head import response_logps
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -247,7 +247,7 @@ def nll_totals(
 
 
 def _local_strategy() -> Any:
-    from trace_ds.engine import Strategy
+    from trace_ds.runtime.engine import Strategy
 
     return Strategy()
 

@@ -136,7 +136,7 @@ def write_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trace_ds.fingerprint import environment_fingerprint, fingerprint_id, package_versions
+    from trace_ds.runtime.fingerprint import environment_fingerprint, fingerprint_id, package_versions
 
     out.mkdir(parents=True, exist_ok=True)
     environment = environment_fingerprint()

@@ -40,9 +40,9 @@ from trace_ds.evaluate.metrics import (
     target_policy_agreement,
 )
 from trace_ds.io import TraceError, iter_jsonl, read_json, write_json, write_jsonl
+from trace_ds.judge.triage import triage
 from trace_ds.judge.verdicts import read_verdicts
-from trace_ds.triage import triage
-from trace_ds.vocab_head import check_head
+from trace_ds.training.vocab_head import check_head
 
 NO_TPA = "TPA not computed: no judge for this policy"
 PERPLEXITY_GROUPS = ("stable", "shifted")  # general_<group>.txt in an evaluation folder (optional)
@@ -252,7 +252,7 @@ class EvalConfig:
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """One process, or every rank of a ``deepspeed`` launch (sharded, the same calls on every rank, results
     gathered; rank 0 writes). Returns the metrics (on every rank)."""
-    from trace_ds.engine import strategy_for
+    from trace_ds.runtime.engine import strategy_for
 
     with strategy_for(config.deepspeed, config.batch_size, config.dtype, "eval") as strategy:
         return _run_eval(config, strategy)
@@ -260,8 +260,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
 
 def _run_eval(config: EvalConfig, strategy: Any) -> dict[str, Any]:
     from trace_ds.console import console
-    from trace_ds.fingerprint import environment_fingerprint
-    from trace_ds.models import load_causal_lm, load_tokenizer, pad_token_id
+    from trace_ds.models.loading import load_causal_lm, load_tokenizer, pad_token_id
+    from trace_ds.runtime.fingerprint import environment_fingerprint
 
     started = time.perf_counter()
     folder = Path(config.data)

@@ -20,7 +20,7 @@ from trace_ds.io import BadRecord, append_lines, dumps, iter_jsonl_lenient, writ
 from trace_ds.judge.export import build_requests
 from trace_ds.judge.parse import ParseResult, parse_responses
 from trace_ds.judge.verdicts import SIDES
-from trace_ds.models import forward_settings
+from trace_ds.models.loading import forward_settings
 
 
 def responses_path(out: str | Path) -> Path:

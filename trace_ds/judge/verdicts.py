@@ -2,7 +2,7 @@
 
 A verdict says, for each response of a pair **in the pairs file's orientation**, whether it violates the
 new policy. A side may be unknown (``null`` or absent): the judge failed on it. Triage decides whether
-the pair is still judged (see trace_ds.triage).
+the pair is still judged (see trace_ds.judge.triage).
 """
 
 from __future__ import annotations

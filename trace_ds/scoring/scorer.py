@@ -26,14 +26,14 @@ from trace_ds.data.batching import PairBatch, collate_pairs
 from trace_ds.data.pairs import Pair, read_pairs, write_pairs, write_rejects
 from trace_ds.data.tokenize import TokenizedPair, tokenize_pair
 from trace_ds.io import TraceError, append_lines, dumps, iter_jsonl_lenient, write_json, write_jsonl
-from trace_ds.losses import conflict_losses
 from trace_ds.scoring.fallback import report_fallback
 from trace_ds.scoring.ghost import check_coverage, ghost_mode, names_listing
 from trace_ds.scoring.ghost_ops import GhostState, ProbeGradient
 from trace_ds.scoring.norms import PairNorms
 from trace_ds.scoring.probe import build_probe, category_of, probe_source_ids
 from trace_ds.scoring.weights import CONFLICT, Scored, Weighting, assign_weights
-from trace_ds.vocab_head import check_head, response_logps
+from trace_ds.training.losses import conflict_losses
+from trace_ds.training.vocab_head import check_head, response_logps
 
 
 def batch_logps(
@@ -321,14 +321,14 @@ def tokenize_all(pairs: list[Pair], tokenizer: Any, config: ScoreConfig) -> list
 
 def run_score(config: ScoreConfig) -> dict[str, Any]:
     """The ``trace-ds score`` stage: one process, or every rank of a ``deepspeed``/``torchrun`` launch."""
-    from trace_ds.engine import strategy_for
+    from trace_ds.runtime.engine import strategy_for
 
     with strategy_for(config.deepspeed, config.micro_batch, config.dtype, "score") as strategy:
         return _run_score(config, strategy)
 
 
 def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
-    from trace_ds.models import (
+    from trace_ds.models.loading import (
         attach_lora,
         enable_gradient_checkpointing,
         load_causal_lm,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from trace_ds.io import TraceError, write_json
-from trace_ds.models import DTYPES, forward_settings
+from trace_ds.models.loading import DTYPES, forward_settings
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}  # max |logit diff| / max |logit|
 
@@ -157,10 +157,10 @@ def _verify_saved(
     prefix: str,
 ) -> dict[str, Any]:
     """Every parameter saved with its full size (a fused MoE expert tensor as the per-expert tensors that
-    ``save_pretrained`` writes, see trace_ds.partitioned.tensor_sources), then the reloaded model's logits."""
+    ``save_pretrained`` writes, see trace_ds.runtime.partitioned.tensor_sources), then the reloaded model's logits."""
     from safetensors import safe_open
 
-    from trace_ds.partitioned import tensor_sources
+    from trace_ds.runtime.partitioned import tensor_sources
 
     saved: dict[str, list[int]] = {}
     for file in sorted(out_dir.glob("*.safetensors")):

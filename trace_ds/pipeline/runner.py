@@ -23,8 +23,8 @@ from typing import Any
 from trace_ds import __version__
 from trace_ds.console import console
 from trace_ds.io import USER_ERROR_EXIT, TraceError, read_json, trace_ds_command, write_json
-from trace_ds.pipeline_config import load_config
-from trace_ds.pipeline_stages import Stage, plan_stages
+from trace_ds.pipeline.config import load_config
+from trace_ds.pipeline.stages import Stage, plan_stages
 
 __all__ = ["Pipeline", "Stage", "load_config", "write_demo_config"]
 
@@ -149,8 +149,8 @@ def _release_after(stage: str) -> None:
     """Between the stages of one launch: give back what the finished stage freed, and log the resident set
     and how many of its DeepSpeed engines are still alive (0 unless something keeps them: see
     Strategy._release_engines)."""
-    from trace_ds.engine import live_engines
-    from trace_ds.memory import MIB, release_host_memory
+    from trace_ds.runtime.engine import live_engines
+    from trace_ds.runtime.memory import MIB, release_host_memory
 
     before, after = release_host_memory()
     console.print(
@@ -193,7 +193,7 @@ DEMO_CPU_NUMERICS: dict[str, Any] = {"threads": 2, "cpu_isa": "avx2"}
 
 def write_demo_config(workdir: str, seed: int, pairs: int, methods: list[str], ranks: int) -> Path:
     """The demo's config file (and the CPU ZeRO-3 DeepSpeed config it launches with) under ``workdir``."""
-    from trace_ds.engine import CPU_ZERO3_CONFIG
+    from trace_ds.runtime.engine import CPU_ZERO3_CONFIG
 
     folder = Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)

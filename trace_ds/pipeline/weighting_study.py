@@ -30,7 +30,7 @@ from typing import Any
 
 from trace_ds.console import console
 from trace_ds.io import read_json, write_json, write_text
-from trace_ds.study import T_975, StudyConfig, metric_values, pipeline_config
+from trace_ds.pipeline.study import T_975, StudyConfig, metric_values, pipeline_config
 
 UTILITY_TOLERANCE = 0.10  # a point may raise stable-topic perplexity by at most 10% over the old model's
 CONFIRM_NOISE = (0.0, 0.2, 0.3)
@@ -94,7 +94,7 @@ def combos_named(names: list[str]) -> list[Combo]:
 def combo_config(config: StudyConfig, combo: Combo, lr: float, seed: int, noise: float) -> dict[str, Any]:
     """The main study's pipeline for this seed and noise, with TRACE only, the combination's score settings,
     its head for scoring and training, and the learning rate."""
-    from trace_ds.engine import CPU_ZERO3_CONFIG
+    from trace_ds.runtime.engine import CPU_ZERO3_CONFIG
 
     ds_config = Path(config.out) / "ds_cpu_zero3.json"  # the main study's file (same path: same stage keys)
     if not ds_config.exists():
@@ -113,7 +113,7 @@ def _point(
     TPA, weight shares."""
     import yaml
 
-    from trace_ds.pipeline import Pipeline, load_config
+    from trace_ds.pipeline.runner import Pipeline, load_config
 
     path = folder / "configs" / f"seed{seed}-noise{noise:g}-{combo.name.replace('/', '_')}-lr{lr:g}.yaml"
     write_text(path, yaml.safe_dump(combo_config(config, combo, lr, seed, noise), sort_keys=False))

@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"epochs": 1, "micro_batch": 8, "lr": 1e-6, "beta": 0.1, "alpha_kl": 1.0},
     "eval": {"max_new_tokens": 48, "batch_size": 16},
     "methods": ["trace"],
-    # threads / cpu_isa: pin CPU numerics so a run's digits reproduce on another machine (trace_ds.determinism)
+    # threads / cpu_isa: pin CPU numerics so a run's digits reproduce on another machine (trace_ds.runtime.determinism)
     "launch": {"ranks": 1, "deepspeed": None, "threads": None, "cpu_isa": None},
 }
 SFT_DEFAULTS = {"epochs": 3, "lr": 3e-3, "batch_size": 32}
@@ -141,8 +141,8 @@ def _check_model(model: dict[str, Any], data: dict[str, Any], where: str) -> Non
         except TraceError as err:
             raise TraceError(f"{where}: {err}") from None
         return
-    from trace_ds.sft import SFTConfig
-    from trace_ds.tiny import build_tiny_llama
+    from trace_ds.models.tiny import build_tiny_llama
+    from trace_ds.training.sft import SFTConfig
 
     tiny_keys = (_parameters(build_tiny_llama) - {"out_dir", "seed", "dtype"}) | {"tokenizer_documents"}
     _known(model["build_tiny"] or {}, tiny_keys, "model.build_tiny", where)
@@ -204,7 +204,7 @@ def _check_lora(score: dict[str, Any], train: dict[str, Any], where: str) -> Non
 
 
 def _check_launch(launch: dict[str, Any], where: str) -> None:
-    from trace_ds.determinism import cpu_numerics_env
+    from trace_ds.runtime.determinism import cpu_numerics_env
 
     _known(launch, DEFAULTS["launch"].keys(), "launch", where)
     try:
@@ -221,7 +221,7 @@ def _check_launch(launch: dict[str, Any], where: str) -> None:
             "(ds_configs/zero3.json on GPUs, ds_configs/cpu.json on CPUs)"
         )
     if deepspeed:
-        from trace_ds.deepspeed_configs import resolve_deepspeed_config
+        from trace_ds.runtime.deepspeed_configs import resolve_deepspeed_config
 
         try:
             resolve_deepspeed_config(deepspeed, "launch.deepspeed")

@@ -4,7 +4,7 @@ The screen and the confirmation run on the synthetic benchmark; this checks thei
 natural language and the judge is the real scenario's rule judge (the one that demands the referral that fits
 the topic and counts degenerate text as violating). Per seed (default 0, 1, 2: the training data's order and
 the probe's sample; the scenario itself is the demo's, the same for every seed), three arms at the demo's
-settings (``trace_ds.real_demo``: per-token mean log-probs, beta 0.1, lr 1e-4, one epoch):
+settings (``trace_ds.pipeline.real_demo``: per-token mean log-probs, beta 0.1, lr 1e-4, one epoch):
 
 * TRACE with uniform weights;
 * TRACE with the chosen combination's weighting (its score metric, probe and weight map) and relational head;
@@ -26,8 +26,8 @@ import yaml
 
 from trace_ds.console import console
 from trace_ds.io import read_json, write_json, write_text
-from trace_ds.study import metric_values
-from trace_ds.study_weighting import Combo, Ledger, combos_named, mean_ci, topic_tpa
+from trace_ds.pipeline.study import metric_values
+from trace_ds.pipeline.weighting_study import Combo, Ledger, combos_named, mean_ci, topic_tpa
 
 REAL_SEEDS = (0, 1, 2)
 ARMS = ("uniform", "weighted", "naive_dpo")
@@ -44,7 +44,7 @@ def seed_config(folder: Path, base: dict[str, Any], seed: int, combo: Combo, met
 
 
 def run_real(out: str, combo: Combo, seeds: tuple[int, ...], ranks: int) -> dict[str, Any]:
-    from trace_ds.real_demo import SCENARIO, prepare_real_demo
+    from trace_ds.pipeline.real_demo import SCENARIO, prepare_real_demo
 
     folder = Path(out) / "real"
     started = time.perf_counter()
@@ -74,7 +74,7 @@ def run_real(out: str, combo: Combo, seeds: tuple[int, ...], ranks: int) -> dict
 
 def _arms(config_path: Path, seed: int, arms: dict[str, str], ledger: Ledger) -> list[dict[str, Any]]:
     """Each method of one pipeline as an arm's point: from the ledger when every one is there, else run."""
-    from trace_ds.pipeline import Pipeline, load_config
+    from trace_ds.pipeline.runner import Pipeline, load_config
 
     pipeline = Pipeline(load_config(config_path), str(config_path))
     stages = {s.name: s for s in pipeline.stages}
@@ -132,7 +132,7 @@ def summarise_arms(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def real_markdown(report: dict[str, Any]) -> str:
-    from trace_ds.study_weighting import format_interval
+    from trace_ds.pipeline.weighting_study import format_interval
 
     seeds = ", ".join(map(str, report["seeds"]))
     lines = [

@@ -174,7 +174,7 @@ def _reference_head(shape: ModelShape, settings: PlanSettings) -> int:
     """What training holds for the KL head beyond the policy's activations. Chunked head: the reference's hidden
     states at the KL positions (the chosen rows' response positions: a quarter of the tokens, as if every pair
     were a retention pair, an upper bound) and the KL's tile, in place of the log-prob tile: two logit tiles
-    in the model dtype and at most five fp64 tiles (trace_ds/vocab_head.py). Full logits: the reference's
+    in the model dtype and at most five fp64 tiles (trace_ds/training/vocab_head.py). Full logits: the reference's
     logits and their fp32 copy."""
     b = DTYPE_BYTES[settings.dtype]
     tokens = 2 * settings.micro_batch * settings.seq_len

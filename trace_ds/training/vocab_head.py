@@ -367,7 +367,7 @@ def run_head(
     plus the KL against ``reference`` on ``kl_rows`` (indices into the rows run) when given. With
     ``keep_reference`` (a reference model's pass, under no_grad) the hidden states at ``kl_rows``' positions
     and the head are returned, to serve as the ``reference`` of the policy's pass."""
-    from trace_ds.models import forward_settings
+    from trace_ds.models.loading import forward_settings
     from trace_ds.scoring.ghost import active_state
     from trace_ds.scoring.ghost_ops import row_offsets
 
@@ -447,7 +447,7 @@ def response_logps(
     """Response log-probs of ``model`` for the batch (or the given rows), summed or averaged per token
     (``reduction``): through the vocabulary-chunked head when ``tile`` > 0 and the model's head is a plain
     linear layer, else from the full logits. The one way every stage gets a pair's log-probs."""
-    from trace_ds.losses import reduce_logps, sequence_logps
+    from trace_ds.training.losses import reduce_logps, sequence_logps
 
     def pick(tensor: torch.Tensor) -> torch.Tensor:
         return tensor if rows is None else tensor.index_select(0, rows)
@@ -466,7 +466,7 @@ def check_head(model: nn.Module, tile: int) -> None:
     rank runs the same calls (ZeRO-3)."""
     if tile <= 0 or head_module(model) is None:
         return
-    from trace_ds.losses import sequence_logps
+    from trace_ds.training.losses import sequence_logps
 
     head = head_module(model)
     assert head is not None
@@ -487,5 +487,5 @@ def check_head(model: nn.Module, tile: int) -> None:
             f"{type(causal_lm(model)).__name__}: its forward changes lm_head's output in a way the "
             f"vocabulary-chunked head does not reproduce (summed log-probs {float(got[0]):.4f} chunked vs "
             f"{float(want[0]):.4f} from the model's own logits); run with --vocab-tile 0 (full logits, more "
-            "memory at large vocabularies), or add the family's logit transform to trace_ds/vocab_head.py"
+            "memory at large vocabularies), or add the family's logit transform to trace_ds/training/vocab_head.py"
         )

@@ -19,7 +19,7 @@ from trace_ds.data.batching import collate_pairs
 from trace_ds.data.pairs import read_pairs
 from trace_ds.data.tokenize import TokenizeConfig, tokenize_pair
 from trace_ds.io import TraceError, write_json
-from trace_ds.vocab_head import check_head, response_logps
+from trace_ds.training.vocab_head import check_head, response_logps
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class SFTConfig:
 
 def run_sft(config: SFTConfig) -> dict[str, Any]:
     """Maximise the likelihood of each pair's chosen response (prompt tokens carry no loss), then save."""
-    from trace_ds.models import load_causal_lm, load_tokenizer, pad_token_id
+    from trace_ds.models.loading import load_causal_lm, load_tokenizer, pad_token_id
 
     tokenizer = load_tokenizer(config.model, required=True)
     model = load_causal_lm(config.model)

@@ -113,7 +113,7 @@ def token_kl(
     chosen response's tokens) are selected, and the log-softmax runs on ``chunk_tokens`` of them at a time,
     in fp64: in fp32 each log-prob carries an error of eps * log-sum-exp, and the KL of two close policies
     (1e-4) lost 4e-4 of its value to it. The full-logits path (``--vocab-tile 0``); the chunked head
-    (trace_ds/vocab_head.py) computes the same without the logits. A row with no masked position gives 0.
+    (trace_ds/training/vocab_head.py) computes the same without the logits. A row with no masked position gives 0.
     """
     rows, length, vocab = policy_logits.shape
     flat_mask = loss_mask.reshape(-1) > 0

@@ -29,11 +29,11 @@ from trace_ds.data.pairs import iter_pairs, read_pairs
 from trace_ds.data.stream import TRAINED_CONFLICT, PairStream, TrainRecord, load_weights
 from trace_ds.data.tokenize import tokenize_pair
 from trace_ds.io import TraceError, dumps, read_json, write_json, write_text
-from trace_ds.losses import conflict_losses, reduce_logps, reduce_step_loss, sequence_logps, token_kl
-from trace_ds.vocab_head import check_head, response_logps
+from trace_ds.training.losses import conflict_losses, reduce_logps, reduce_step_loss, sequence_logps, token_kl
+from trace_ds.training.vocab_head import check_head, response_logps
 
 if TYPE_CHECKING:
-    from trace_ds.rescore import Rescorer
+    from trace_ds.training.rescore import Rescorer
 
 # Sums reduced across ranks for logging (one tensor, one all-reduce per step).
 STAT_KEYS = (
@@ -75,10 +75,10 @@ def compute_losses(
     ``with_reference(fn)`` returns ``fn(model)`` run on the frozen reference (the base model with the adapters
     off, under LoRA). The KL head runs on the chosen rows of live retention pairs only (one row when there are
     none, so every rank still makes the same calls); with precomputed ``reference_logps`` (2B,) the reference
-    runs on those rows only. ``config.vocab_tile`` > 0: the vocabulary-chunked head (trace_ds/vocab_head.py),
+    runs on those rows only. ``config.vocab_tile`` > 0: the vocabulary-chunked head (trace_ds/training/vocab_head.py),
     no [tokens, vocabulary] logits; 0: full logits.
     """
-    from trace_ds.vocab_head import head_module, run_head
+    from trace_ds.training.vocab_head import head_module, run_head
 
     n = batch.num_pairs
     device = batch.input_ids.device
@@ -266,7 +266,7 @@ class Trainer:
     """Owns the engines, the data and the loop; every DeepSpeed call goes through ``strategy``."""
 
     def __init__(self, config: TrainConfig):
-        from trace_ds.engine import Strategy, load_ds_config
+        from trace_ds.runtime.engine import Strategy, load_ds_config
 
         self.config = config
         self.out = Path(config.out)
@@ -277,7 +277,7 @@ class Trainer:
 
     # ---- set-up ----
     def setup(self) -> None:
-        from trace_ds.models import (
+        from trace_ds.models.loading import (
             enable_gradient_checkpointing,
             load_causal_lm,
             load_tokenizer,
@@ -320,7 +320,7 @@ class Trainer:
         self._rescore_line: dict[str, Any] = {}
         self.stream_weights = self.weights
         if cfg.rescore_every:
-            from trace_ds.rescore import Rescorer
+            from trace_ds.training.rescore import Rescorer
 
             self.rescorer = Rescorer(self, meta)
             # every conflict pair stays in the stream (its weight may become non-zero at a re-scoring); the
@@ -462,7 +462,7 @@ class Trainer:
         return batch, [r.category for r in records], weights
 
     def rescore(self) -> None:
-        """New impact weights at the current weights (trace_ds/rescore.py); logged with the next step."""
+        """New impact weights at the current weights (trace_ds/training/rescore.py); logged with the next step."""
         assert self.rescorer is not None
         result = self.rescorer.rescore(self.step)
         self.weights = result.weights()
@@ -741,7 +741,7 @@ class Trainer:
 
     # ---- export ----
     def export(self, summary: dict[str, Any]) -> None:
-        from trace_ds.export import export_trained
+        from trace_ds.training.export import export_trained
 
         summary["export"] = export_trained(self, self.out / "final")
 

@@ -1,4 +1,4 @@
-"""The stages of ``trace-ds run`` and what each reads and writes (see trace_ds.pipeline for caching)."""
+"""The stages of ``trace-ds run`` and what each reads and writes (see trace_ds.pipeline.runner for caching)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_ds.io import read_json, write_json, write_jsonl
-from trace_ds.pipeline_config import (
+from trace_ds.pipeline.config import (
     DEFAULT_RESCORE_EVERY,
     SFT_DEFAULTS,
     SYNTH_PARAMETERS,
@@ -219,7 +219,7 @@ def _given_model(path: str) -> Any:
 
 def _build_tiny(settings: dict[str, Any], seed: int) -> Any:
     def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
-        from trace_ds.tiny import build_tiny_from_corpus
+        from trace_ds.models.tiny import build_tiny_from_corpus
 
         out = directory / "model"
         vocab = build_tiny_from_corpus(_paths(inputs["data"])["corpus"], out, seed=seed, **settings)
@@ -231,7 +231,7 @@ def _build_tiny(settings: dict[str, Any], seed: int) -> Any:
 
 def _sft(settings: dict[str, Any], config: dict[str, Any]) -> Any:
     def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
-        from trace_ds.sft import SFTConfig, run_sft
+        from trace_ds.training.sft import SFTConfig, run_sft
 
         out = directory / "model"
         summary = run_sft(
@@ -252,7 +252,7 @@ def _sft(settings: dict[str, Any], config: dict[str, Any]) -> Any:
 
 def _triage(settings: dict[str, Any]) -> Any:
     def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
-        from trace_ds.triage import run_triage
+        from trace_ds.judge.triage import run_triage
 
         paths = _paths(inputs["data"])
         report = run_triage(paths["pairs"], paths["verdicts"], str(directory / "triaged.jsonl"), **settings)
@@ -313,7 +313,7 @@ def _score(settings: dict[str, Any], config: dict[str, Any], data_stage: str = "
         from trace_ds.scoring.scorer import run_score
 
         options = {k: v for k, v in settings.items() if k not in ("tokenize", "deepspeed")}
-        if options.get("lora") is not None:  # the config's mapping, checked by pipeline_config._check_lora
+        if options.get("lora") is not None:  # the config's mapping, checked by pipeline.config._check_lora
             options["lora"] = lora_config(options["lora"])
         if "score" in inputs:  # reuse the main probe (a baseline's data has no categories to build one from)
             options["probe"] = _paths(inputs["score"])["probe"][0]
@@ -341,7 +341,7 @@ def _score(settings: dict[str, Any], config: dict[str, Any], data_stage: str = "
 def _train(method: str, settings: dict[str, Any], config: dict[str, Any]) -> Any:
     def run(directory: Path, inputs: dict[str, Path]) -> dict[str, Any]:
         from trace_ds.config import TrainConfig
-        from trace_ds.train import run_train
+        from trace_ds.training.train import run_train
 
         options = {k: v for k, v in settings.items() if k not in ("tokenize", "deepspeed", "method")}
         triaged = _paths(inputs[f"derive_{method}"] if method in DERIVED else inputs["triage"])["triaged"]

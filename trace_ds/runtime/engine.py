@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from trace_ds.io import TraceError, append_lines, dumps, free_port
-from trace_ds.memory import MemoryMeter, report_path
+from trace_ds.runtime.memory import MemoryMeter, report_path
 from trace_ds.scoring.ghost_ops import ProbeGradient
 
 DS_DTYPE_KEYS = {"bfloat16": "bf16", "float16": "fp16"}
@@ -163,7 +163,7 @@ class Strategy:
         import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
 
-        from trace_ds.build_locks import clear_stale_build_locks
+        from trace_ds.runtime.build_locks import clear_stale_build_locks
 
         accelerator = get_accelerator()
         clear_stale_build_locks()  # a killed op build's lock would make init_distributed wait forever

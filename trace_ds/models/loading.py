@@ -28,11 +28,11 @@ def load_tokenizer(name: str, required: bool) -> Any | None:
 
 def load_causal_lm(name: str, dtype: str = "float32") -> nn.Module:
     """A transformers causal LM in eval mode (no dropout) with every parameter trainable. Under ZeRO-3 it is
-    built partitioned and each rank reads only its shards of a safetensors checkpoint (trace_ds.partitioned)."""
+    built partitioned and each rank reads only its shards of a safetensors checkpoint (trace_ds.runtime.partitioned)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from trace_ds.partitioned import load_partitioned_causal_lm
+    from trace_ds.runtime.partitioned import load_partitioned_causal_lm
 
     zero3 = is_deepspeed_zero3_enabled()
     try:

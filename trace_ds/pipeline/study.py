@@ -123,7 +123,7 @@ class StudyConfig:
     size: StudySize = FULL
     mean_arm: bool = True  # also TRACE with per-token mean log-probs, at noise 0
     threads: int | None = None  # per process; None: 2 (1 with --quick, which shares CI's cores)
-    # the weighting study's worker processes (study_weighting.run_points): how many, which one this is
+    # the weighting study's worker processes (weighting_study.run_points): how many, which one this is
     # (K, N), and the study's own command line, which each worker reruns with --worker K/N
     jobs: int = 1
     worker: tuple[int, int] | None = None
@@ -206,7 +206,7 @@ def plan_runs(config: StudyConfig) -> list[Run]:
     """One pipeline per (seed, noise level): all arms at noise 0, TRACE and naive DPO at the others."""
     import yaml
 
-    from trace_ds.engine import CPU_ZERO3_CONFIG
+    from trace_ds.runtime.engine import CPU_ZERO3_CONFIG
 
     out = Path(config.out)
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -228,7 +228,7 @@ def plan_runs(config: StudyConfig) -> list[Run]:
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
     """Every pipeline (cached), the influence checks, then the report; returns the study.json dict."""
-    from trace_ds.pipeline import Pipeline, load_config
+    from trace_ds.pipeline.runner import Pipeline, load_config
 
     started = time.perf_counter()
     runs = plan_runs(config)

@@ -27,7 +27,7 @@ DESCRIPTIONS = {
 
 def shipped_folder() -> Path:
     """Where the shipped configs are: ``trace_ds/ds_configs`` in an install, ``ds_configs/`` in a clone."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # trace_ds/
     for folder in (package / "ds_configs", package.parent / "ds_configs"):
         if folder.is_dir() and any(folder.glob("*.json")):
             return folder
