@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from trace_ds.cli.options import deepspeed_option, lora_config_from, lora_options, vocab_tile_option
+from trace_ds.cli.options import (
+    deepspeed_option,
+    lora_config_from,
+    lora_options,
+    path_option,
+    report_json_option,
+    vocab_tile_option,
+)
 from trace_ds.console import console
 from trace_ds.io import TraceError
 
@@ -126,7 +133,7 @@ def bench() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--arms", default="floor,ghost,ghost+norms,per-pair,reference-code", show_default=True)
 @click.option("--workdir", default="runs/bench_scoring", show_default=True, type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@report_json_option
 def bench_scoring(n_pairs: int, arms: str, out: str | None, **settings: Any) -> None:
     """Ghost scorer vs per-pair methods vs a plain forward + backward: pairs/s, ratios, peak memory."""
     import shlex
@@ -172,7 +179,7 @@ def bench_scoring(n_pairs: int, arms: str, out: str | None, **settings: Any) -> 
     help="Also the peak-memory matrix (ZeRO 2/3 x 1/2 ranks).",
 )
 @click.option("--workdir", default="runs/bench_train", show_default=True, type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@report_json_option
 def bench_train(n_pairs: int, arms: str, out: str | None, **settings: Any) -> None:
     """trace-ds training tokens/s vs TRL's DPOTrainer on the same work, and peak memory per rank."""
     import shlex
@@ -210,7 +217,7 @@ def bench_train(n_pairs: int, arms: str, out: str | None, **settings: Any) -> No
     help="DeepSpeed's reduce_bucket_size (elements) for every launch and its plan row. Default: DeepSpeed's.",
 )
 @click.option("--workdir", default="runs/bench_memory", show_default=True, type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@report_json_option
 def bench_memory(layers: str, zero: str, out: str | None, **settings: Any) -> None:
     """Peak memory per rank while loading (trace-ds vs transformers' loader), and `trace-ds plan` against the
     measured peaks of real score and train runs."""
@@ -234,7 +241,7 @@ def bench_memory(layers: str, zero: str, out: str | None, **settings: Any) -> No
 @click.option(
     "--verify", is_flag=True, help="Afterwards, gather every weight and compare with the checkpoint."
 )
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON report (rank 0 writes it).")
+@path_option("--out", "JSON report (rank 0 writes it).")
 def bench_load(model: str, deepspeed: str | None, loader: str, dtype: str, verify: bool, out: str) -> None:
     """One launch of the loading-memory measurement: peak memory growth per rank while the model loads."""
     from trace_ds.bench.memory import measure_load

@@ -7,15 +7,13 @@ from typing import Any
 
 import click
 
-from trace_ds.cli.options import column_map, pair_source_options
+from trace_ds.cli.options import column_map, pair_source_options, path_option
 from trace_ds.console import console, key_value_table, print_triage_report
 from trace_ds.io import TraceError
 
 
 @click.command()
-@click.option(
-    "--out", required=True, type=click.Path(file_okay=False), help="Folder to write the benchmark into."
-)
+@path_option("--out", "Folder to write the benchmark into.", folder=True)
 @click.option("--pairs", "n_pairs", default=2000, show_default=True, help="Training pairs.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--inversion", default=0.35, show_default=True, help="Share of inversion pairs.")
@@ -107,10 +105,8 @@ def _judged_items(
     default=None,
     help="Instead of --pairs: generations written by `trace-ds eval` (one request each), for TPA with an external judge.",
 )
-@click.option(
-    "--policy", required=True, type=click.Path(exists=True, dir_okay=False), help="The NEW policy text."
-)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Requests JSONL to write.")
+@path_option("--policy", "The NEW policy text.", exists=True)
+@path_option("--out", "Requests JSONL to write.")
 @click.option(
     "--format", "request_format", type=click.Choice(["openai", "plain"]), default="openai", show_default=True
 )
@@ -169,7 +165,7 @@ def judge_export(
     type=click.Path(exists=True, dir_okay=False),
     help="The exported requests, to notice missing responses.",
 )
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Verdicts JSONL to write.")
+@path_option("--out", "Verdicts JSONL to write.")
 @click.option(
     "--generations",
     "one_response",
@@ -194,10 +190,8 @@ def judge_parse(responses: tuple[str, ...], requests_path: str | None, out: str,
     default=None,
     help="Instead of --pairs: generations written by `trace-ds eval` (one request each); then `trace-ds tpa`.",
 )
-@click.option(
-    "--policy", required=True, type=click.Path(exists=True, dir_okay=False), help="The NEW policy text."
-)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Verdicts JSONL to write.")
+@path_option("--policy", "The NEW policy text.", exists=True)
+@path_option("--out", "Verdicts JSONL to write.")
 @click.option(
     "--template", type=click.Path(exists=True, dir_okay=False), help="Replace the judge prompt template."
 )
@@ -252,10 +246,8 @@ def judge_run(
 @click.option(
     "--pairs", "pairs_source", required=True, help="Pairs file, saved dataset or hub id (old orientation)."
 )
-@click.option(
-    "--verdicts", required=True, type=click.Path(exists=True, dir_okay=False), help="Verdicts JSONL."
-)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Triaged pairs JSONL to write.")
+@path_option("--verdicts", "Verdicts JSONL.", exists=True)
+@path_option("--out", "Triaged pairs JSONL to write.")
 @click.option(
     "--min-confidence",
     default=0.0,
@@ -325,13 +317,8 @@ def prepare_real_command(out: str) -> None:
 
 
 @click.command("build-tiny")
-@click.option(
-    "--corpus",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Plain text, documents separated by blank lines (your own domain's text).",
-)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@path_option("--corpus", "Plain text, documents separated by blank lines (your own domain's text).")
+@path_option("--out", "Model folder to write.", folder=True)
 @click.option("--vocab-size", default=1024, show_default=True, help="Tokenizer size asked for.")
 @click.option("--tokenizer-documents", default=8000, show_default=True, help="Documents the tokenizer reads.")
 @click.option("--hidden-size", default=64, show_default=True)

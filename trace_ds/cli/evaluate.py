@@ -10,6 +10,7 @@ from trace_ds.cli.options import (
     deepspeed_option,
     is_rank_zero,
     logp_reduction_option,
+    path_option,
     tokenize_config_from,
     tokenize_options,
     vocab_tile_option,
@@ -24,13 +25,8 @@ from trace_ds.console import console, key_value_table
     required=True,
     help="The model before realignment (margins, KL and perplexity are relative to it).",
 )
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="Evaluation folder (e.g. a synthetic benchmark's eval/).",
-)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON to write.")
+@path_option("--data", "Evaluation folder (e.g. a synthetic benchmark's eval/).", folder=True, exists=True)
+@path_option("--out", "Metrics JSON to write.")
 @click.option("--max-prompts", type=int, default=None, help="Use only the first N held-out prompts for TPA.")
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
@@ -88,19 +84,9 @@ def eval_command(exclude: tuple[str, ...], deepspeed_config: str | None, **optio
 
 
 @click.command("tpa")
-@click.option(
-    "--generations",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Generations from `trace-ds eval`.",
-)
-@click.option(
-    "--verdicts",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="`judge parse --generations` output.",
-)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="TPA JSON to write.")
+@path_option("--generations", "Generations from `trace-ds eval`.", exists=True)
+@path_option("--verdicts", "`judge parse --generations` output.", exists=True)
+@path_option("--out", "TPA JSON to write.")
 def tpa_command(generations: str, verdicts: str, out: str) -> None:
     """Target-policy agreement from an external judge's verdicts on the generations (unjudged ones excluded and counted)."""
     from trace_ds.evaluate.metrics import tpa_from_verdicts

@@ -152,3 +152,14 @@ def tokenize_config_from(options: dict[str, Any]) -> Any:
     return TokenizeConfig(
         options.pop("max_length"), options.pop("max_prompt_length"), options.pop("prompt_truncation")
     )
+
+
+def path_option(name: str, help_text: str, *, folder: bool = False, exists: bool = False) -> Any:
+    """A required file (or, with ``folder``, folder) option; ``exists``: it must be there already."""
+    kind = {"file_okay": False} if folder else {"dir_okay": False}
+    return click.option(name, required=True, type=click.Path(exists=exists, **kind), help=help_text)
+
+
+report_json_option = click.option(
+    "--out", type=click.Path(dir_okay=False), help="Also write the report as JSON."
+)

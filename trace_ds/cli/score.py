@@ -11,6 +11,7 @@ from trace_ds.cli.options import (
     logp_reduction_option,
     lora_config_from,
     lora_options,
+    path_option,
     tokenize_config_from,
     tokenize_options,
     vocab_tile_option,
@@ -22,10 +23,8 @@ from trace_ds.console import console, key_value_table
 @click.option(
     "--model", required=True, help="A transformers causal-LM folder or hub id (the reference weights)."
 )
-@click.option(
-    "--triaged", required=True, type=click.Path(exists=True, dir_okay=False), help="Triaged pairs JSONL."
-)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Scores JSONL to write.")
+@path_option("--triaged", "Triaged pairs JSONL.", exists=True)
+@path_option("--out", "Scores JSONL to write.")
 @click.option(
     "--probe",
     type=click.Path(exists=True, dir_okay=False),

@@ -10,6 +10,7 @@ from trace_ds.cli.options import (
     deepspeed_option,
     logp_reduction_option,
     parse_proportions,
+    path_option,
     tokenize_config_from,
     tokenize_options,
     vocab_tile_option,
@@ -21,21 +22,9 @@ from trace_ds.console import console, key_value_table
 @click.option(
     "--model", required=True, help="The aligned model to realign (folder or hub id); also the reference."
 )
-@click.option(
-    "--triaged", required=True, type=click.Path(exists=True, dir_okay=False), help="Triaged pairs JSONL."
-)
-@click.option(
-    "--scores",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Scores JSONL from trace-ds score.",
-)
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Run folder: checkpoints, metrics, final export.",
-)
+@path_option("--triaged", "Triaged pairs JSONL.", exists=True)
+@path_option("--scores", "Scores JSONL from trace-ds score.", exists=True)
+@path_option("--out", "Run folder: checkpoints, metrics, final export.", folder=True)
 @deepspeed_option("DeepSpeed JSON config; default: one process, ZeRO off.")
 @click.option("--relational", type=click.Choice(["ipo", "dpo"]), default="ipo", show_default=True)
 @click.option("--beta", default=0.1, show_default=True)
@@ -131,9 +120,7 @@ def train_command(
 @click.command("sft")
 @click.option("--model", required=True, help="The model to fine-tune (folder or hub id).")
 @click.option("--pairs", "pairs_source", required=True, help="Pairs whose chosen responses are the targets.")
-@click.option(
-    "--out", required=True, type=click.Path(file_okay=False), help="Folder for the fine-tuned model."
-)
+@path_option("--out", "Folder for the fine-tuned model.", folder=True)
 @click.option("--epochs", default=3, show_default=True)
 @click.option("--lr", default=3e-3, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
