@@ -12,6 +12,9 @@ from typing import Any, Literal
 from trace_ds.data.tokenize import TokenizeConfig
 from trace_ds.io import TraceError
 
+# where the probe's suppression third comes from (trace_ds/scoring/probe.py, docs/method.md)
+SUPPRESSION_SOURCES = ("pool", "same-prompt", "drop")
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -52,7 +55,9 @@ def check_model_source(name: str, option: str = "--model") -> None:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise TraceError(f"{option} {name}: not a folder (a model folder holds config.json and the weights)")
+            raise TraceError(
+                f"{option} {name}: not a folder (a model folder holds config.json and the weights)"
+            )
         return
     first = Path(name).parts[0] if Path(name).parts else name
     path_like = (
@@ -132,8 +137,10 @@ class ScoreConfig:
         self.weighting_choice()  # every weighting option checked here, before anything loads
         if self.probe_normalize not in ("none", "unit"):
             raise TraceError(f"--probe-normalize {self.probe_normalize!r}: use none or unit")
-        if self.probe_suppression not in ("pool", "same-prompt", "drop"):
-            raise TraceError(f"--probe-suppression {self.probe_suppression!r}: use pool, same-prompt or drop")
+        if self.probe_suppression not in SUPPRESSION_SOURCES:
+            raise TraceError(
+                f"--probe-suppression {self.probe_suppression!r}: use {', '.join(SUPPRESSION_SOURCES)}"
+            )
         if self.probe is not None and self.probe_suppression != "pool":
             raise TraceError(
                 "--probe-suppression chooses how a built probe gets its suppression pairs; a --probe file is used as "
@@ -165,7 +172,9 @@ class ScoreConfig:
         """The :class:`trace_ds.scoring.weights.Weighting` these options ask for (validated)."""
         from trace_ds.scoring.weights import Weighting
 
-        return Weighting(self.score_metric, self.weighting, self.weight_alpha, self.weight_min, self.normalize)
+        return Weighting(
+            self.score_metric, self.weighting, self.weight_alpha, self.weight_min, self.normalize
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a partial result depends on (resume refuses to mix different ones). The weighting
@@ -184,7 +193,10 @@ class ScoreConfig:
             "logp_reduction",
         )
         data = {key: getattr(self, key) for key in keys}
-        for key in ("probe_normalize", "probe_suppression"):  # only when set: older partial files still resume
+        for key in (
+            "probe_normalize",
+            "probe_suppression",
+        ):  # only when set: older partial files still resume
             if getattr(self, key) != ScoreConfig.__dataclass_fields__[key].default:
                 data[key] = getattr(self, key)
         data["lora"] = asdict(self.lora) if self.lora else None
@@ -234,7 +246,9 @@ class TrainConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     vocab_tile: int = DEFAULT_VOCAB_TILE
     logp_reduction: Literal["sum", "mean"] = "sum"
-    rescore_every: int | None = None  # re-score every conflict pair every K steps (trace_ds/training/rescore.py)
+    rescore_every: int | None = (
+        None  # re-score every conflict pair every K steps (trace_ds/training/rescore.py)
+    )
 
     def __post_init__(self) -> None:
         check_model_source(self.model)

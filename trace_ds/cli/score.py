@@ -16,6 +16,7 @@ from trace_ds.cli.options import (
     tokenize_options,
     vocab_tile_option,
 )
+from trace_ds.config import SUPPRESSION_SOURCES
 from trace_ds.console import console, key_value_table
 
 
@@ -94,7 +95,7 @@ from trace_ds.console import console, key_value_table
 )
 @click.option(
     "--probe-suppression",
-    type=click.Choice(["pool", "same-prompt", "drop"]),
+    type=click.Choice(SUPPRESSION_SOURCES),
     default="pool",
     show_default=True,
     help="The built probe's suppression third: pool (Algorithm 2: a compliant response from any prompt), "

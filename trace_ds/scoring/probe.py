@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from trace_ds.config import SUPPRESSION_SOURCES
 from trace_ds.data.chat import prompt_key
 from trace_ds.data.pairs import Pair
 from trace_ds.io import TraceError
@@ -23,9 +24,6 @@ def category_of(pair: Pair) -> str:
             f"{pair.position}: pair {pair.id!r} has no triage category; score reads triaged pairs"
         )
     return category
-
-
-SUPPRESSION_SOURCES = ("pool", "same-prompt", "drop")
 
 
 def build_probe(pairs: list[Pair], size: int, seed: int, suppression: str = "pool") -> list[Pair]:
