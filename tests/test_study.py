@@ -113,8 +113,10 @@ def test_the_weighting_screen_and_confirmation_run_at_ci_size(study: dict) -> No
     confirm = ["--confirm", "standardized-cosine-unit/ipo", "--seeds", "0,1", "--lrs", "0.002", "--noise", "0"]
     for args in (["--screen"], [*confirm, "--jobs", "2"]):
         _study(out, *args)
-    workers = [json.loads(line) for k in (0, 1) for line in (out / "confirm" / f"points-{k}.jsonl").open()]
-    assert sorted((p["seed"], p["threads"]) for p in workers) == [(0, 1), (0, 1), (1, 1), (1, 1)]
+    # seed 0 at noise 0 and lr 0.002 is the screen's point (same cache key): read from its ledger, not rerun;
+    # seed 1's two points were run by the workers, on one thread each
+    own = [json.loads(line) for path in sorted((out / "confirm").glob("points-*.jsonl")) for line in path.open()]
+    assert sorted((p["seed"], p["threads"]) for p in own) == [(1, 1), (1, 1)]
     screen = json.loads((out / "screen" / "screen.json").read_text())
     assert len(screen["points"]) == 2 * 2 and len(screen["ranking"]) == 2
     assert (out / "screen" / "frontier.png").stat().st_size > 1000
@@ -137,6 +139,11 @@ def test_the_weighting_screen_and_confirmation_run_at_ci_size(study: dict) -> No
     assert {c["noise"] for c in report["cells"]} == {0.0}
     assert len(report["points"]) == 2 * 2  # seeds x combinations (one noise level, one learning rate)
     assert all(c["seeds_within_budget"] <= 2 and c["tpa_all"]["n"] <= 2 for c in report["cells"])
+    screen_metrics = {(p["combo"], p["lr"]): p["metrics"] for p in screen["points"]}
+    for point in (p for p in report["points"] if p["seed"] == 0):
+        assert point["metrics"] == screen_metrics[(point["combo"], point["lr"])]
+    assert (out / "confirm" / "frontier-noise0.png").stat().st_size > 1000
+    assert "| TPA shifted | TPA stable | perplexity, stable | degenerate |" in (out / "confirm" / "confirm.md").read_text()
 
 
 def test_a_copied_ledger_resumes_the_screen_without_its_stage_folders(study: dict, tmp_path: Path) -> None:

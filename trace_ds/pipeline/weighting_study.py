@@ -135,12 +135,14 @@ class Ledger:
     keyed by its evaluation stage's cache key. A point found here is not run again, even on a machine without
     the stage folders: copy the ledger files there and the study resumes from them (docs/results.md)."""
 
-    def __init__(self, folder: Path, name: str = "points.jsonl") -> None:
+    def __init__(self, folder: Path, name: str = "points.jsonl", also: tuple[Path, ...] = ()) -> None:
+        """``also``: other studies' folders whose points count here too (the confirmation's seed 0 at noise 0
+        is the screen's point, same key)."""
         from trace_ds.io import iter_jsonl
 
         self.path = folder / name
         self.points: dict[str, dict[str, Any]] = {}
-        for path in sorted(folder.glob("points*.jsonl")):
+        for path in sorted(p for f in (*also, folder) for p in f.glob("points*.jsonl")):
             for _, record in iter_jsonl(path):
                 self.points[record["key"]] = record
 
@@ -188,7 +190,8 @@ def run_points(
     point is read back here from the ledger."""
     if jobs > 1 and config.worker is None:
         _run_workers(config, folder, tasks, label, jobs, group)
-    ledger = Ledger(folder, f"points-{config.worker[0]}.jsonl" if config.worker else "points.jsonl")
+    name = f"points-{config.worker[0]}.jsonl" if config.worker else "points.jsonl"
+    ledger = Ledger(folder, name, also=tuple(f for f in (Path(config.out) / "screen",) if f != folder))
     points = []
     for index, (seed, noise, combo, lr) in enumerate(tasks, start=1):
         if config.worker and _owner(tasks, index - 1, group, config.worker[1]) != config.worker[0]:
@@ -340,9 +343,14 @@ def run_confirm(
                 for seed, b in best.items()
                 if b and (u := per_combo[uniform][seed])
             ]
+            # the matched points' other measures: what the TPA was bought with
+            others = {
+                m: mean_ci([b[m] for b in best.values() if b and b.get(m) is not None])
+                for m in ("tpa_shifted", "tpa_stable", "ppl_stable", "degenerate")
+            }
             cells.append({
                 "noise": level, "combo": combo.name, "tpa_all": mean_ci(values), "minus_uniform": mean_ci(paired),
-                "seeds_within_budget": len(values),
+                **others, "seeds_within_budget": len(values),
                 "lrs_chosen": {seed: b["lr"] if b else None for seed, b in best.items()},
             })  # fmt: skip
     report = {
@@ -352,6 +360,19 @@ def run_confirm(
     }  # fmt: skip
     write_json(folder / "confirm.json", report)
     write_text(folder / "confirm.md", confirm_markdown(report))
+    for level in noise:  # each (combination, learning rate) at its mean over seeds
+        mine = [p for p in points if p["noise"] == level]
+        means = [
+            {"combo": c.name, "lr": lr, **{
+                m: statistics.fmean(v) if (v := [p[m] for p in mine if (p["combo"], p["lr"]) == (c.name, lr)
+                                               and p[m] is not None]) else None
+                for m in ("ppl_stable", "tpa_all")}}
+            for c in combos for lr in lrs
+        ]  # fmt: skip
+        old = {"ppl_stable": statistics.fmean(p["old"]["ppl_stable"] for p in mine), "tpa_all": statistics.fmean(
+            p["old"]["tpa_all"] for p in mine)}  # fmt: skip
+        title = f"Confirmation, noise {level:g}: mean over seeds {', '.join(map(str, config.seeds))}"
+        _frontier_plot(folder / f"frontier-noise{level:g}.png", means, old, title)
     return report
 
 
@@ -442,14 +463,21 @@ def confirm_markdown(report: dict[str, Any]) -> str:
         f"over that seed's old model) over the learning rates {', '.join(f'{x:g}' for x in report['lrs'])}; then mean ± 95% "
         f"t-interval over seeds, and minus uniform weights paired by seed. Wall time: {report['seconds'] / 60:.1f} min.",
         "",
-        "| noise | combination | TPA all (matched utility) | minus uniform | seeds within budget |",
-        "|---|---|---|---|---|",
+        "| noise | combination | TPA all (matched utility) | minus uniform | TPA shifted | TPA stable | "
+        "perplexity, stable | degenerate | seeds within budget |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report["cells"]:
-        lines.append(
-            f"| {c['noise']:g} | {c['combo']} | {format_interval(c['tpa_all'])} | {format_interval(c['minus_uniform'])} | {c['seeds_within_budget']} |"
+        extra = " | ".join(
+            format_interval(c[m]) if m in c else "-"
+            for m in ("tpa_shifted", "tpa_stable", "ppl_stable", "degenerate")
         )
-    return "\n".join([*lines, ""])
+        lines.append(
+            f"| {c['noise']:g} | {c['combo']} | {format_interval(c['tpa_all'])} | {format_interval(c['minus_uniform'])} | "
+            f"{extra} | {c['seeds_within_budget']} |"
+        )
+    plots = [f"![noise {n:g}](frontier-noise{n:g}.png)" for n in report["noise"]]
+    return "\n".join([*lines, "", *plots, ""])
 
 
 def _frontier_plot(path: Path, points: list[dict[str, Any]], old: dict[str, Any], title: str) -> None:
