@@ -312,7 +312,11 @@ def run_screen(config: StudyConfig, lrs: tuple[float, ...], combos: list[Combo])
     }
     write_json(folder / "screen.json", report)
     write_text(folder / "screen.md", screen_markdown(report))
-    _frontier_plot(folder / "frontier.png", points, old, f"Screen, seed {seed}: TPA against utility")
+    leaders = [r["combo"] for r in report["ranking"][:5]]
+    shown = list(dict.fromkeys([*leaders, *(c.name for c in combos if c.uniform), "paper-dot-alg2/ipo"]))
+    _frontier_plot(
+        folder / "frontier.png", points, old, f"Screen, seed {seed}: the 5 best, uniform, paper", shown
+    )
     return report
 
 
@@ -480,27 +484,37 @@ def confirm_markdown(report: dict[str, Any]) -> str:
     return "\n".join([*lines, "", *plots, ""])
 
 
-def _frontier_plot(path: Path, points: list[dict[str, Any]], old: dict[str, Any], title: str) -> None:
+def _frontier_plot(
+    path: Path,
+    points: list[dict[str, Any]],
+    old: dict[str, Any],
+    title: str,
+    highlight: list[str] | None = None,
+) -> None:
+    """TPA against stable-topic perplexity, one line per combination over its learning rates. ``highlight``:
+    only these in colour and in the legend, the rest as thin grey lines (38 coloured lines are unreadable)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(9.5, 5.5))
     for name in dict.fromkeys(p["combo"] for p in points):
         mine = sorted(
             (p for p in points if p["combo"] == name and p["ppl_stable"] is not None), key=lambda p: p["lr"]
         )
-        ax.plot(
-            [p["ppl_stable"] for p in mine], [p["tpa_all"] for p in mine], marker="o", linewidth=1, label=name
-        )
+        xs, ys = [p["ppl_stable"] for p in mine], [p["tpa_all"] for p in mine]
+        if highlight is None or name in highlight:
+            ax.plot(xs, ys, marker="o", linewidth=1.5, label=name, zorder=3)
+        else:
+            ax.plot(xs, ys, marker=".", linewidth=0.6, color="0.8", zorder=1)
     if old["ppl_stable"] is not None:
         ax.axvline(old["ppl_stable"] * (1 + UTILITY_TOLERANCE), color="grey", linestyle="--", linewidth=1)
         ax.scatter([old["ppl_stable"]], [old["tpa_all"]], color="black", marker="x", label="old-policy model")
     ax.set_xlabel("perplexity on held-out stable-topic text (↓); dashed: the utility budget")
     ax.set_ylabel("TPA, all held-out prompts (↑)")
-    ax.set_title(title)
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(title + ("" if highlight is None else "; grey: the other combinations"))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
