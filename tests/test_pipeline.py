@@ -242,3 +242,31 @@ def test_a_lora_pipeline_scores_trains_merges_and_evaluates_the_adapters(tmp_pat
     assert (
         metrics["model"] == str(final) and metrics["preference"]["retention_kl"] > 0.0
     )  # the adapters moved
+
+
+def test_a_training_stage_stopped_by_sigterm_is_not_marked_done(tmp_path: Path, monkeypatch) -> None:
+    """The trainer answers SIGTERM with a checkpoint and returns normally ({"stopped_at": step}); the stage
+    was then marked done without a model, and every later run failed at the evaluation ("model folder not
+    found"). Now the stage raises, leaves no done.json, and the rerun resumes from the checkpoint."""
+    import trace_ds.training.train as train_module
+
+    path = write_config(tmp_path)
+    stage = next(s for s in Pipeline(load_config(path), str(path)).stages if s.name == "train_trace")
+    inputs = {}
+    for name, paths in (("old_model", {"model": "m"}), ("triage", {"triaged": "t"}), ("score", {"scores": "s"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "paths.json").write_text(json.dumps(paths))
+        inputs[name] = tmp_path / name
+    seen = {}
+
+    def stopped(train_config):  # what the trainer returns after a SIGTERM checkpoint
+        seen["config"] = train_config
+        return {"stopped_at": 3}
+
+    monkeypatch.setattr(train_module, "run_train", stopped)
+    monkeypatch.setattr("trace_ds.config.TrainConfig", lambda **kw: kw)
+    directory = tmp_path / "stage"
+    directory.mkdir()
+    with pytest.raises(TraceError, match="stopped by SIGTERM at step 3"):
+        stage.run(directory, inputs)
+    assert not (directory / "paths.json").exists() and seen["config"]["resume"] is False

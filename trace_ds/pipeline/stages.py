@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trace_ds.io import read_json, write_json, write_jsonl
+from trace_ds.io import TraceError, read_json, write_json, write_jsonl
 from trace_ds.pipeline.config import (
     DEFAULT_RESCORE_EVERY,
     SFT_DEFAULTS,
@@ -358,7 +358,7 @@ def _train(method: str, settings: dict[str, Any], config: dict[str, Any]) -> Any
             options.pop("rescore_every", None)
         out = directory / "run"
         resume = (out / "checkpoints" / "latest").exists()
-        run_train(
+        summary = run_train(
             TrainConfig(
                 model=_paths(inputs["old_model"])["model"],
                 triaged=triaged,
@@ -370,6 +370,11 @@ def _train(method: str, settings: dict[str, Any], config: dict[str, Any]) -> Any
                 **options,
             )
         )
+        if "stopped_at" in summary:  # SIGTERM: a checkpoint, no model; the stage must not be marked done
+            raise TraceError(
+                f"{directory.name}: training stopped by SIGTERM at step {summary['stopped_at']} with a checkpoint; "
+                "rerun the same command to resume from it"
+            )
         write_json(
             directory / "paths.json", {"model": str(out / "final"), "metrics": str(out / "metrics.jsonl")}
         )
