@@ -25,9 +25,8 @@ from typing import Any
 import yaml
 
 from trace_ds.console import console
-from trace_ds.io import read_json, write_json, write_text
-from trace_ds.pipeline.study import metric_values
-from trace_ds.pipeline.weighting_study import Combo, Ledger, combos_named, mean_ci, topic_tpa
+from trace_ds.io import write_json, write_text
+from trace_ds.pipeline.weighting_study import Combo, Ledger, combos_named, eval_measures, mean_ci
 
 REAL_SEEDS = (0, 1, 2)
 ARMS = ("uniform", "weighted", "naive_dpo")
@@ -84,23 +83,16 @@ def _arms(config_path: Path, seed: int, arms: dict[str, str], ledger: Ledger) ->
     started = time.perf_counter()
     pipeline.run()
     seconds = round(time.perf_counter() - started, 1)
-    old_path = read_json(stages["eval_old"].directory / "paths.json")["metrics"]
     points = []
     for method, arm in arms.items():
         if keys[method] in ledger.points:
             points.append(ledger.points[keys[method]])
             continue
-        metrics_path = read_json(stages[f"eval_{method}"].directory / "paths.json")["metrics"]
-        metrics = read_json(metrics_path)
         point = {
             "arm": arm,
             "seed": seed,
             "key": keys[method],
-            **metric_values(metrics_path),
-            "degenerate": ((metrics.get("tpa") or {}).get("all") or {}).get("degenerate"),
-            "tpa_topics": topic_tpa(metrics),
-            "old": {**metric_values(old_path), "tpa_topics": topic_tpa(read_json(old_path))},
-            "metrics": str(metrics_path),
+            **eval_measures(stages[f"eval_{method}"].directory, stages["eval_old"].directory),
             "pipeline_seconds": seconds,
         }
         ledger.add(point)

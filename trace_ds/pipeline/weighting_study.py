@@ -155,10 +155,22 @@ class Ledger:
             append_lines(sink, [dumps(point)])
 
 
-def _read_point(combo: Combo, lr: float, seed: int, noise: float, stages: dict[str, Path]) -> dict[str, Any]:
-    metrics_path = read_json(stages["eval_trace"] / "paths.json")["metrics"]
+def eval_measures(eval_dir: Path, old_dir: Path) -> dict[str, Any]:
+    """One evaluation stage's measures for a study point: TPA, perplexity, degenerate share, per-topic TPA,
+    and the old-policy model's evaluation beside them (shared by the weighting and the real-model studies)."""
+    metrics_path = read_json(eval_dir / "paths.json")["metrics"]
     metrics = read_json(metrics_path)
-    old_path = read_json(stages["eval_old"] / "paths.json")["metrics"]
+    old_path = read_json(old_dir / "paths.json")["metrics"]
+    return {
+        **metric_values(metrics_path),
+        "degenerate": ((metrics.get("tpa") or {}).get("all") or {}).get("degenerate"),
+        "tpa_topics": topic_tpa(metrics),
+        "old": {**metric_values(old_path), "tpa_topics": topic_tpa(read_json(old_path))},
+        "metrics": str(metrics_path),
+    }
+
+
+def _read_point(combo: Combo, lr: float, seed: int, noise: float, stages: dict[str, Path]) -> dict[str, Any]:
     scores = read_json(stages["score"] / "paths.json")["scores"]
     data = read_json(stages["data"] / "paths.json")
     return {
@@ -166,14 +178,10 @@ def _read_point(combo: Combo, lr: float, seed: int, noise: float, stages: dict[s
         "lr": lr,
         "seed": seed,
         "noise": noise,
-        **metric_values(metrics_path),
-        "degenerate": ((metrics.get("tpa") or {}).get("all") or {}).get("degenerate"),
-        "tpa_topics": topic_tpa(metrics),
-        "old": {**metric_values(old_path), "tpa_topics": topic_tpa(read_json(old_path))},
+        **eval_measures(stages["eval_trace"], stages["eval_old"]),
         "weight_share": weight_share_by_topic(
             scores, data.get("truth") or str(Path(data["pairs"]).parent / "truth.jsonl")
         ),
-        "metrics": str(metrics_path),
         "scores": str(scores),
     }
 
@@ -192,9 +200,10 @@ def run_points(
         _run_workers(config, folder, tasks, label, jobs, group)
     name = f"points-{config.worker[0]}.jsonl" if config.worker else "points.jsonl"
     ledger = Ledger(folder, name, also=tuple(f for f in (Path(config.out) / "screen",) if f != folder))
+    owners = _owners(tasks, group, config.worker[1]) if config.worker else []
     points = []
     for index, (seed, noise, combo, lr) in enumerate(tasks, start=1):
-        if config.worker and _owner(tasks, index - 1, group, config.worker[1]) != config.worker[0]:
+        if config.worker and owners[index - 1] != config.worker[0]:
             continue
         console.rule(
             f"study {label}: {index}/{len(tasks)}: {combo.name}, lr {lr:g}, seed {seed}, noise {noise:g}"
@@ -203,13 +212,11 @@ def run_points(
     return points
 
 
-def _owner(tasks: list[Task], index: int, group: str, workers: int) -> int:
-    """The worker of task ``index``: its group's rank among the groups, modulo the workers (the first task
-    belongs to worker 0 and runs before the others start)."""
-    if index == 0:
-        return 0
+def _owners(tasks: list[Task], group: str, workers: int) -> list[int]:
+    """Each task's worker: its group's rank among the groups, modulo the workers (the first task belongs to
+    worker 0 and runs before the others start)."""
     keys = list(dict.fromkeys(_group_key(t, group) for t in tasks))
-    return keys.index(_group_key(tasks[index], group)) % workers
+    return [0 if i == 0 else keys.index(_group_key(t, group)) % workers for i, t in enumerate(tasks)]
 
 
 def _group_key(task: Task, group: str) -> Any:
