@@ -144,3 +144,32 @@ def test_the_screen_ranks_at_matched_utility_and_puts_unmatched_combinations_las
         ("a", 0.4),
         ("c", None),
     ]
+
+
+def test_the_verdict_picks_the_best_combination_never_worse_than_uniform() -> None:
+    from trace_ds.pipeline.weighting_study import verdict
+
+    def cell(combo: str, noise: float, tpa: float, diff: tuple[float, float], within: int = 5) -> dict:
+        return {"combo": combo, "noise": noise, "tpa_all": {"mean": tpa}, "seeds_within_budget": within,
+                "minus_uniform": {"mean": diff[0], "ci95": diff[1]}}  # fmt: skip
+
+    cells = [
+        cell("uniform", 0.0, 0.50, (0.0, 0.0)),
+        cell("uniform", 0.3, 0.40, (0.0, 0.0)),
+        cell("best-but-unsafe", 0.0, 0.90, (0.40, 0.05)),
+        cell("best-but-unsafe", 0.3, 0.20, (-0.20, 0.05)),  # worse than uniform beyond the interval
+        cell("pays-on-noise", 0.0, 0.49, (-0.01, 0.05)),  # within the interval on clean data
+        cell("pays-on-noise", 0.3, 0.60, (0.20, 0.05)),
+        cell("lost-a-seed", 0.0, 0.95, (0.45, 0.05), within=4),
+        cell("lost-a-seed", 0.3, 0.95, (0.55, 0.05)),
+    ]
+    result = verdict(cells, "uniform", seeds=5)
+    rows = {r["combo"]: r for r in result["rows"]}
+    assert result["default"] == "pays-on-noise"
+    assert rows["pays-on-noise"]["status"] == {"0": "safe (within the interval of uniform)", "0.3": "pays"}
+    assert not rows["best-but-unsafe"]["safe"] and not rows["lost-a-seed"]["safe"]
+    # nothing safe but uniform: uniform is the default
+    assert (
+        verdict([c for c in cells if c["combo"] != "pays-on-noise"], "uniform", seeds=5)["default"]
+        == "uniform"
+    )

@@ -366,8 +366,8 @@ def run_confirm(
             })  # fmt: skip
     report = {
         "seeds": list(config.seeds), "noise": list(noise), "lrs": list(lrs),
-        "utility_tolerance": UTILITY_TOLERANCE, "cells": cells, "points": points,
-        "seconds": round(time.perf_counter() - started, 1),
+        "utility_tolerance": UTILITY_TOLERANCE, "cells": cells, "verdict": verdict(cells, uniform, len(config.seeds)),
+        "points": points, "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     write_json(folder / "confirm.json", report)
     write_text(folder / "confirm.md", confirm_markdown(report))
@@ -385,6 +385,44 @@ def run_confirm(
         title = f"Confirmation, noise {level:g}: mean over seeds {', '.join(map(str, config.seeds))}"
         _frontier_plot(folder / f"frontier-noise{level:g}.png", means, old, title)
     return report
+
+
+def verdict(cells: list[dict[str, Any]], uniform: str, seeds: int) -> dict[str, Any]:
+    """The decision rule that picks the default weighting, applied to the confirmation's cells.
+
+    A combination is *safe* at a noise level when its paired difference to uniform weights is not below zero
+    beyond the 95% interval (mean + half-width >= 0) and it kept a point within the utility budget on every
+    seed; it *pays* there when the interval is above zero (mean - half-width > 0). The default is the safe-
+    everywhere combination with the best TPA averaged over the noise levels; uniform weights are safe by
+    construction, so they are the answer when nothing else is."""
+    levels = sorted({c["noise"] for c in cells})
+    rows = []
+    for name in dict.fromkeys(c["combo"] for c in cells):
+        mine = {c["noise"]: c for c in cells if c["combo"] == name}
+        status = {}
+        for level in levels:
+            diff = mine[level]["minus_uniform"]
+            full = mine[level]["seeds_within_budget"] == seeds
+            if name == uniform:
+                status[level] = "reference"
+            elif not full or diff["mean"] is None:
+                status[level] = "unsafe (a seed without a point within the budget)"
+            elif diff["ci95"] is None:
+                status[level] = "undecided (one seed)"
+            elif diff["mean"] - diff["ci95"] > 0:
+                status[level] = "pays"
+            elif diff["mean"] + diff["ci95"] < 0:
+                status[level] = "unsafe (worse than uniform beyond the interval)"
+            else:
+                status[level] = "safe (within the interval of uniform)"
+        means = [mine[level]["tpa_all"]["mean"] for level in levels]
+        mean_tpa = statistics.fmean(means) if None not in means else None
+        safe = all(s.startswith(("reference", "pays", "safe")) for s in status.values())
+        rows.append({"combo": name, "status": {f"{k:g}": v for k, v in status.items()}, "mean_tpa": mean_tpa,
+                     "safe": safe})  # fmt: skip
+    eligible = [r for r in rows if r["safe"] and r["mean_tpa"] is not None]
+    default = max(eligible, key=lambda r: r["mean_tpa"])["combo"] if eligible else uniform
+    return {"rows": rows, "default": default}
 
 
 def mean_ci(values: list[float]) -> dict[str, float | int | None]:
@@ -487,6 +525,23 @@ def confirm_markdown(report: dict[str, Any]) -> str:
             f"| {c['noise']:g} | {c['combo']} | {format_interval(c['tpa_all'])} | {format_interval(c['minus_uniform'])} | "
             f"{extra} | {c['seeds_within_budget']} |"
         )
+    if "verdict" in report:
+        levels = [f"{n:g}" for n in report["noise"]]
+        lines += [
+            "",
+            "## Verdict (the rule in `weighting_study.verdict`)",
+            "",
+            "Safe: not below uniform beyond the 95% interval, with a point within the budget on every seed; "
+            "pays: above uniform beyond the interval. Default: the safe-everywhere combination with the best "
+            "TPA averaged over the noise levels.",
+            "",
+            "| combination | " + " | ".join(f"noise {n}" for n in levels) + " | mean TPA over noise levels |",
+            "|---|" + "---|" * (len(levels) + 1),
+        ]
+        for row in report["verdict"]["rows"]:
+            cols = " | ".join(row["status"][n] for n in levels)
+            lines.append(f"| {row['combo']} | {cols} | {_fmt(row['mean_tpa'])} |")
+        lines += ["", f"**Default by this rule: `{report['verdict']['default']}`.**"]
     plots = [f"![noise {n:g}](frontier-noise{n:g}.png)" for n in report["noise"]]
     return "\n".join([*lines, "", *plots, ""])
 
