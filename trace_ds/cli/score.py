@@ -16,7 +16,7 @@ from trace_ds.cli.options import (
     tokenize_options,
     vocab_tile_option,
 )
-from trace_ds.config import SUPPRESSION_SOURCES
+from trace_ds.config import SUPPRESSION_SOURCES, ScoreConfig
 from trace_ds.console import console, key_value_table
 
 
@@ -72,14 +72,14 @@ from trace_ds.console import console, key_value_table
 @click.option(
     "--score-metric",
     type=click.Choice(["dot", "cosine"]),
-    default="dot",
+    default=ScoreConfig.score_metric,
     show_default=True,
     help="dot: <g_i, G> (the paper); cosine: divided by ||g_i|| ||G|| (exact ghost norms), so a pair is weighted "
     "by its gradient's direction, not its size.",
 )
 @click.option(
     "--weighting",
-    default="paper",
+    default=ScoreConfig.weighting,
     show_default=True,
     help="Scores -> weights within each category, mean 1: paper (clamp at 0), standardized (max(w_min, 1 + alpha "
     "z)), prune:Q (drop the lowest fraction Q and negative scores, the rest uniform), uniform.",
@@ -89,14 +89,14 @@ from trace_ds.console import console, key_value_table
 @click.option(
     "--probe-normalize",
     type=click.Choice(["none", "unit"]),
-    default="none",
+    default=ScoreConfig.probe_normalize,
     show_default=True,
     help="unit: every probe pair's gradient scaled to norm 1 before it enters G (no pair dominates the probe).",
 )
 @click.option(
     "--probe-suppression",
     type=click.Choice(SUPPRESSION_SOURCES),
-    default="pool",
+    default=ScoreConfig.probe_suppression,
     show_default=True,
     help="The built probe's suppression third: pool (Algorithm 2: a compliant response from any prompt), "
     "same-prompt (only a response judged compliant for that prompt), drop (none).",
@@ -107,7 +107,6 @@ from trace_ds.console import console, key_value_table
 @lora_options
 def score_command(deepspeed_config: str | None, **options: Any) -> None:
     """Impact scores of inversion and suppression pairs (ghost dot products; resumable)."""
-    from trace_ds.config import ScoreConfig
     from trace_ds.scoring.scorer import run_score
 
     config = ScoreConfig(
