@@ -14,6 +14,15 @@ from trace_ds.io import TraceError
 
 # where the probe's suppression third comes from (trace_ds/scoring/probe.py, docs/method.md)
 SUPPRESSION_SOURCES = ("pool", "same-prompt", "drop")
+# the paper's impact weighting: raw dot scores, clamped at 0 and normalised, against Algorithm 2's probe. Kept
+# apart from ScoreConfig's defaults so that a changed default does not change what these names mean: partial
+# score files resume by them, and in-run re-scoring supports only them
+PAPER_WEIGHTING = {
+    "score_metric": "dot",
+    "weighting": "paper",
+    "probe_normalize": "none",
+    "probe_suppression": "pool",
+}
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,7 @@ class ScoreConfig:
             raise TraceError(
                 f"--probe-suppression {self.probe_suppression!r}: use {', '.join(SUPPRESSION_SOURCES)}"
             )
-        if self.probe is not None and self.probe_suppression != "pool":
+        if self.probe is not None and self.probe_suppression != ScoreConfig.probe_suppression:
             raise TraceError(
                 "--probe-suppression chooses how a built probe gets its suppression pairs; a --probe file is used as "
                 "it is: drop one of the two"
@@ -196,8 +205,8 @@ class ScoreConfig:
         for key in (
             "probe_normalize",
             "probe_suppression",
-        ):  # only when set: older partial files still resume
-            if getattr(self, key) != ScoreConfig.__dataclass_fields__[key].default:
+        ):  # only off the paper's: older partial files resume
+            if getattr(self, key) != PAPER_WEIGHTING[key] and not (key == "probe_suppression" and self.probe):
                 data[key] = getattr(self, key)
         data["lora"] = asdict(self.lora) if self.lora else None
         data["tokenize"] = asdict(self.tokenize)

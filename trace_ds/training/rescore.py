@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trace_ds.config import ScoreConfig
+from trace_ds.config import PAPER_WEIGHTING, ScoreConfig
 from trace_ds.data.pairs import Pair, read_pairs
 from trace_ds.data.tokenize import TokenizedPair, tokenize_pair
 from trace_ds.io import TraceError, iter_jsonl, write_jsonl
@@ -63,14 +63,15 @@ class Rescorer:
         self.normalize = meta.get("normalize", "per-category")
         unsupported = {
             key: meta[key]
-            for key, default in (("score_metric", "dot"), ("weighting", "paper"), ("probe_normalize", "none"))
-            if meta.get(key, default) != default
+            for key, default in PAPER_WEIGHTING.items()
+            if key != "probe_suppression" and meta.get(key, default) != default
         }
         if unsupported:
             raise TraceError(
                 f"--rescore-every re-scores with the paper's weighting (dot scores, clamp and normalise, the plain "
                 f"probe), and {cfg.scores} was made with {unsupported}: in-run re-scoring of other weightings is "
-                "not implemented yet; train without --rescore-every, or score with the defaults"
+                "not implemented yet; train without --rescore-every, or score with --score-metric dot --weighting "
+                "paper --probe-normalize none"
             )
         self.settings = ScoreConfig(
             model=cfg.model,
