@@ -110,12 +110,23 @@ def test_the_weighting_screen_and_confirmation_run_at_ci_size(study: dict) -> No
     weights are uniform; the confirmation pairs each combination with uniform by seed, its seeds shared out to
     two worker processes."""
     out = study["out"]
-    confirm = ["--confirm", "standardized-cosine-unit/ipo", "--seeds", "0,1", "--lrs", "0.002", "--noise", "0"]
+    confirm = [
+        "--confirm",
+        "standardized-cosine-unit/ipo",
+        "--seeds",
+        "0,1",
+        "--lrs",
+        "0.002",
+        "--noise",
+        "0",
+    ]
     for args in (["--screen"], [*confirm, "--jobs", "2"]):
         _study(out, *args)
     # seed 0 at noise 0 and lr 0.002 is the screen's point (same cache key): read from its ledger, not rerun;
     # seed 1's two points were run by the workers, on one thread each
-    own = [json.loads(line) for path in sorted((out / "confirm").glob("points-*.jsonl")) for line in path.open()]
+    own = [
+        json.loads(line) for path in sorted((out / "confirm").glob("points-*.jsonl")) for line in path.open()
+    ]
     assert sorted((p["seed"], p["threads"]) for p in own) == [(1, 1), (1, 1)]
     screen = json.loads((out / "screen" / "screen.json").read_text())
     assert len(screen["points"]) == 2 * 2 and len(screen["ranking"]) == 2
@@ -130,7 +141,11 @@ def test_the_weighting_screen_and_confirmation_run_at_ci_size(study: dict) -> No
     assert weights and all(w == 1.0 for w in weights)
     cosine = next(p for p in screen["points"] if p["combo"] == "standardized-cosine-unit/ipo")
     meta = json.loads(Path(cosine["scores"]).with_name("scores.meta.json").read_text())
-    assert (meta["score_metric"], meta["weighting"], meta["probe_normalize"]) == ("cosine", "standardized", "unit")
+    assert (meta["score_metric"], meta["weighting"], meta["probe_normalize"]) == (
+        "cosine",
+        "standardized",
+        "unit",
+    )
     text = (out / "screen" / "screen.md").read_text()
     assert "## Ranking at matched utility" in text and "## TPA per topic" in text
     report = json.loads((out / "confirm" / "confirm.json").read_text())
@@ -143,7 +158,13 @@ def test_the_weighting_screen_and_confirmation_run_at_ci_size(study: dict) -> No
     for point in (p for p in report["points"] if p["seed"] == 0):
         assert point["metrics"] == screen_metrics[(point["combo"], point["lr"])]
     assert (out / "confirm" / "frontier-noise0.png").stat().st_size > 1000
-    assert "| TPA shifted | TPA stable | perplexity, stable | degenerate |" in (out / "confirm" / "confirm.md").read_text()
+    text = (out / "confirm" / "confirm.md").read_text()
+    assert "| TPA shifted | TPA stable | perplexity, stable | degenerate |" in text
+    assert "## TPA per topic at the matched points" in text and "## Verdict" in text
+    assert report["verdict"]["default"] in combos
+    assert all(
+        set(c["tpa_topics"]) and set(c["weight_share"]) for c in report["cells"] if c["seeds_within_budget"]
+    )
 
 
 def test_a_copied_ledger_resumes_the_screen_without_its_stage_folders(study: dict, tmp_path: Path) -> None:

@@ -338,32 +338,8 @@ def run_confirm(
     points = run_points(config, folder, tasks, "confirm", config.jobs, group="seed")
     if config.worker:
         return {"points": points}
-    cells = []
     uniform = next(c.name for c in combos if c.uniform)
-    for level in noise:
-        per_combo: dict[str, dict[int, dict[str, Any] | None]] = {}
-        for combo in combos:
-            for seed in config.seeds:
-                mine = [p for p in points if (p["combo"], p["seed"], p["noise"]) == (combo.name, seed, level)]
-                per_combo.setdefault(combo.name, {})[seed] = matched(mine, mine[0]["old"]["ppl_stable"])
-        for combo in combos:
-            best = per_combo[combo.name]
-            values = [b["tpa_all"] for b in best.values() if b]
-            paired = [
-                b["tpa_all"] - u["tpa_all"]
-                for seed, b in best.items()
-                if b and (u := per_combo[uniform][seed])
-            ]
-            # the matched points' other measures: what the TPA was bought with
-            others = {
-                m: mean_ci([b[m] for b in best.values() if b and b.get(m) is not None])
-                for m in ("tpa_shifted", "tpa_stable", "ppl_stable", "degenerate")
-            }
-            cells.append({
-                "noise": level, "combo": combo.name, "tpa_all": mean_ci(values), "minus_uniform": mean_ci(paired),
-                **others, "seeds_within_budget": len(values),
-                "lrs_chosen": {seed: b["lr"] if b else None for seed, b in best.items()},
-            })  # fmt: skip
+    cells = confirm_cells(points, [c.name for c in combos], uniform, config.seeds, noise)
     report = {
         "seeds": list(config.seeds), "noise": list(noise), "lrs": list(lrs),
         "utility_tolerance": UTILITY_TOLERANCE, "cells": cells, "verdict": verdict(cells, uniform, len(config.seeds)),
@@ -385,6 +361,46 @@ def run_confirm(
         title = f"Confirmation, noise {level:g}: mean over seeds {', '.join(map(str, config.seeds))}"
         _frontier_plot(folder / f"frontier-noise{level:g}.png", means, old, title)
     return report
+
+
+def confirm_cells(
+    points: list[dict[str, Any]],
+    names: list[str],
+    uniform: str,
+    seeds: tuple[int, ...],
+    noise: tuple[float, ...],
+) -> list[dict[str, Any]]:
+    """Per noise level and combination: each seed's matched-utility point, then mean and 95% interval over
+    seeds of TPA and what it was bought with, the paired difference to uniform weights, and per-topic means."""
+    cells = []
+    for level in noise:
+        per_combo: dict[str, dict[int, dict[str, Any] | None]] = {}
+        for combo in names:
+            for seed in seeds:
+                mine = [p for p in points if (p["combo"], p["seed"], p["noise"]) == (combo, seed, level)]
+                per_combo.setdefault(combo, {})[seed] = matched(mine, mine[0]["old"]["ppl_stable"])
+        for combo in names:
+            best = per_combo[combo]
+            values = [b["tpa_all"] for b in best.values() if b]
+            paired = [
+                b["tpa_all"] - u["tpa_all"]
+                for seed, b in best.items()
+                if b and (u := per_combo[uniform][seed])
+            ]
+            # the matched points' other measures: what the TPA was bought with
+            others = {
+                m: mean_ci([b[m] for b in best.values() if b and b.get(m) is not None])
+                for m in ("tpa_shifted", "tpa_stable", "ppl_stable", "degenerate")
+            }
+            chosen = [b for b in best.values() if b]
+            cells.append({
+                "noise": level, "combo": combo, "tpa_all": mean_ci(values), "minus_uniform": mean_ci(paired),
+                **others, "seeds_within_budget": len(values),
+                "lrs_chosen": {seed: b["lr"] if b else None for seed, b in best.items()},
+                "tpa_topics": mean_by_key([b["tpa_topics"] for b in chosen]),
+                "weight_share": mean_by_key([b.get("weight_share", {}).get("inversion", {}) for b in chosen]),
+            })  # fmt: skip
+    return cells
 
 
 def verdict(cells: list[dict[str, Any]], uniform: str, seeds: int) -> dict[str, Any]:
@@ -423,6 +439,16 @@ def verdict(cells: list[dict[str, Any]], uniform: str, seeds: int) -> dict[str, 
     eligible = [r for r in rows if r["safe"] and r["mean_tpa"] is not None]
     default = max(eligible, key=lambda r: r["mean_tpa"])["combo"] if eligible else uniform
     return {"rows": rows, "default": default}
+
+
+def mean_by_key(rows: list[dict[str, float | None]]) -> dict[str, float]:
+    """Per key (a topic), the mean over the rows that have a value for it."""
+    keys = sorted({k for row in rows for k in row})
+    return {
+        k: statistics.fmean(values)
+        for k in keys
+        if (values := [v for r in rows if (v := r.get(k)) is not None])
+    }
 
 
 def mean_ci(values: list[float]) -> dict[str, float | int | None]:
@@ -525,6 +551,22 @@ def confirm_markdown(report: dict[str, Any]) -> str:
             f"| {c['noise']:g} | {c['combo']} | {format_interval(c['tpa_all'])} | {format_interval(c['minus_uniform'])} | "
             f"{extra} | {c['seeds_within_budget']} |"
         )
+    topics = sorted({t for c in report["cells"] for t in c.get("tpa_topics", {})})
+    if topics:
+        lines += ["", "## TPA per topic at the matched points (mean over seeds)", ""]
+        lines += ["| noise | combination | " + " | ".join(topics) + " |", "|---|---|" + "---|" * len(topics)]
+        for c in report["cells"]:
+            values = " | ".join(_fmt(c["tpa_topics"].get(t)) for t in topics)
+            lines.append(f"| {c['noise']:g} | {c['combo']} | {values} |")
+        wtopics = sorted({t for c in report["cells"] for t in c.get("weight_share", {})})
+        lines += ["", "## Each topic's share of the inversion weight (mean over seeds)", ""]
+        lines += [
+            "| noise | combination | " + " | ".join(wtopics) + " |",
+            "|---|---|" + "---|" * len(wtopics),
+        ]
+        for c in report["cells"]:
+            values = " | ".join(_fmt(c["weight_share"].get(t), 2) for t in wtopics)
+            lines.append(f"| {c['noise']:g} | {c['combo']} | {values} |")
     if "verdict" in report:
         levels = [f"{n:g}" for n in report["noise"]]
         lines += [
