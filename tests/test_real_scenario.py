@@ -197,6 +197,14 @@ def test_demo_config_is_a_valid_run_config(tmp_path: Path, monkeypatch: pytest.M
     stamp = (tmp_path / "real" / "data" / FILES["pairs"]).stat().st_mtime_ns
     prepare_real_demo(str(tmp_path / "real"), seed=0, n_pairs=60, methods=["trace"], ranks=2)
     assert (tmp_path / "real" / "data" / FILES["pairs"]).stat().st_mtime_ns == stamp  # reused: caches hold
+    # one rank trains the same updates: the global batch (2 ranks x 2 pairs) is kept
+    assert config["train"]["micro_batch"] == 2
+    one = load_config(
+        prepare_real_demo(str(tmp_path / "real"), seed=0, n_pairs=60, methods=["trace"], ranks=1)
+    )
+    assert one["train"]["micro_batch"] == 4 and one["launch"]["ranks"] == 1
+    with pytest.raises(TraceError, match="global batch of 4"):
+        prepare_real_demo(str(tmp_path / "real"), seed=0, n_pairs=60, methods=["trace"], ranks=3)
 
 
 def test_a_changed_judge_reruns_the_evaluations_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

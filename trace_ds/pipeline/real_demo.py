@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trace_ds.io import read_json, write_json, write_text
+from trace_ds.io import TraceError, read_json, write_json, write_text
 from trace_ds.runtime.memory import REPORT_ENV
 
 REAL_CONFIG = """\
@@ -48,9 +48,12 @@ SCORE: dict[str, Any] = {
     "gradient_checkpointing": True,
     "logp_reduction": "mean",
 }
+# pairs per optimizer step over all ranks (2 per rank on the 2 ranks every documented run used): split over the
+# ranks, so any rank count trains the same updates (the per-pair losses are averaged over the global batch)
+GLOBAL_BATCH = 4
 TRAIN: dict[str, Any] = {
     "epochs": 1,
-    "micro_batch": 2,
+    "micro_batch": GLOBAL_BATCH // 2,  # per rank: prepare_real_demo sets it for the rank count
     "lr": 1.0e-4,
     "beta": 0.1,
     "alpha_kl": 5.0,
@@ -87,7 +90,11 @@ def prepare_real_demo(
     ds_path = folder / "ds_cpu_zero3.json"
     if not ds_path.exists() or read_json(ds_path) != CPU_ZERO3_CONFIG:
         write_json(ds_path, CPU_ZERO3_CONFIG)
-    score, train = dict(SCORE), dict(TRAIN)
+    if ranks < 1 or GLOBAL_BATCH % ranks:
+        raise TraceError(
+            f"--ranks {ranks}: the real demo's global batch of {GLOBAL_BATCH} pairs must split evenly"
+        )
+    score, train = dict(SCORE), {**TRAIN, "micro_batch": GLOBAL_BATCH // ranks}
     if lora:
         score["lora"] = dict(LORA)
         train.update(lora=True, lr=LORA_LR)  # the pipeline merges it for eval
