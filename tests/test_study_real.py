@@ -4,6 +4,7 @@ model; docs/results.md records it)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,21 @@ def test_bad_real_requests_are_refused_before_anything_runs(args: list[str], tmp
     result = CliRunner().invoke(main, ["study", "--out", str(tmp_path), *args])
     assert result.exit_code == 2 and "Error" in result.output, result.output
     assert not (tmp_path / "real").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--noise", "0.2"], "include 0"),  # the efficacy study's arms run at noise 0
+        (["--noise", "0,1.5"], r"fractions in \[0, 1\]"),
+        (["--noise", "0,x"], "comma-separated fractions"),
+        (["--confirm", "uniform/ipo", "--noise", "0.3", "--worker", "2/2"], "K from 0 to N-1"),
+    ],
+)
+def test_bad_study_noise_and_worker_requests_are_refused(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(main, ["study", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output), result.output
+    assert not any(tmp_path.iterdir())

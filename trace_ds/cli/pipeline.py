@@ -203,6 +203,7 @@ def study(
     from trace_ds.pipeline.runner import DEMO_CPU_NUMERICS
     from trace_ds.runtime.determinism import pin_cpu_numerics
 
+    levels = _noise_levels(noise, confirm) if noise else ()
     # before anything imports torch; --quick runs on one thread (CI runs another test beside it), and so does
     # each of several workers
     worker_of = _worker_share(worker) if worker else None
@@ -214,9 +215,6 @@ def study(
     if seeds:
         config = replace(config, seeds=tuple(int(s) for s in seeds.split(",")))
     if noise:
-        levels = tuple(float(x) for x in noise.split(","))
-        if 0.0 not in levels or any(not 0.0 <= x <= 1.0 for x in levels):
-            raise TraceError(f"--noise {noise}: fractions in [0, 1], including 0 (the arms run there)")
         config = replace(config, noise=levels)
     if real:
         from trace_ds.pipeline.real_study import REAL_SEEDS, run_real
@@ -238,6 +236,18 @@ def study(
         _weighting_study(config, quick, screen, confirm, lrs, combos, seeds, noise)
         return
     run_study(config)
+
+
+def _noise_levels(text: str, confirm: str | None) -> tuple[float, ...]:
+    try:
+        levels = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise TraceError(f"--noise {text!r}: comma-separated fractions, e.g. 0,0.2") from None
+    if any(not 0.0 <= x <= 1.0 for x in levels):
+        raise TraceError(f"--noise {text}: fractions in [0, 1]")
+    if 0.0 not in levels and not confirm:  # a confirmation may run any levels, e.g. to split its work
+        raise TraceError(f"--noise {text}: include 0 (the study's arms run there)")
+    return levels
 
 
 def _worker_share(text: str) -> tuple[int, int]:
@@ -300,9 +310,7 @@ def _weighting_study(
     if confirm:
         if not seeds:
             config = replace(config, seeds=(0, 1) if quick else (0, 1, 2, 3, 4))
-        levels = (
-            tuple(float(x) for x in noise.split(",")) if noise else ((0.0, 0.2) if quick else CONFIRM_NOISE)
-        )
+        levels = config.noise if noise else ((0.0, 0.2) if quick else CONFIRM_NOISE)
         report = run_confirm(config, rates, combos_named(confirm.split(",")), levels)
         if config.worker:
             return
