@@ -149,8 +149,8 @@ def test_the_screen_ranks_at_matched_utility_and_puts_unmatched_combinations_las
 def test_the_verdict_picks_the_best_combination_never_worse_than_uniform() -> None:
     from trace_ds.pipeline.weighting_study import verdict
 
-    def cell(combo: str, noise: float, tpa: float, diff: tuple[float, float], within: int = 5) -> dict:
-        return {"combo": combo, "noise": noise, "tpa_all": {"mean": tpa}, "seeds_within_budget": within,
+    def cell(combo: str, noise: float, tpa: float, diff: tuple[float, float | None]) -> dict:
+        return {"combo": combo, "noise": noise, "tpa_all": {"mean": tpa},
                 "minus_uniform": {"mean": diff[0], "ci95": diff[1]}}  # fmt: skip
 
     cells = [
@@ -160,16 +160,36 @@ def test_the_verdict_picks_the_best_combination_never_worse_than_uniform() -> No
         cell("best-but-unsafe", 0.3, 0.20, (-0.20, 0.05)),  # worse than uniform beyond the interval
         cell("pays-on-noise", 0.0, 0.49, (-0.01, 0.05)),  # within the interval on clean data
         cell("pays-on-noise", 0.3, 0.60, (0.20, 0.05)),
-        cell("lost-a-seed", 0.0, 0.95, (0.45, 0.05), within=4),
-        cell("lost-a-seed", 0.3, 0.95, (0.55, 0.05)),
+        cell("one-seed", 0.0, 0.95, (0.45, None)),  # no interval: undecided, not chosen
+        cell("one-seed", 0.3, 0.95, (0.55, 0.05)),
     ]
-    result = verdict(cells, "uniform", seeds=5)
+    result = verdict(cells, "uniform")
     rows = {r["combo"]: r for r in result["rows"]}
     assert result["default"] == "pays-on-noise"
     assert rows["pays-on-noise"]["status"] == {"0": "safe (within the interval of uniform)", "0.3": "pays"}
-    assert not rows["best-but-unsafe"]["safe"] and not rows["lost-a-seed"]["safe"]
+    assert rows["one-seed"]["status"]["0"].startswith("undecided")
+    assert not rows["best-but-unsafe"]["safe"] and not rows["one-seed"]["safe"]
     # nothing safe but uniform: uniform is the default
-    assert (
-        verdict([c for c in cells if c["combo"] != "pays-on-noise"], "uniform", seeds=5)["default"]
-        == "uniform"
+    assert verdict([c for c in cells if c["combo"] != "pays-on-noise"], "uniform")["default"] == "uniform"
+
+
+def test_matched_utility_includes_the_old_model_as_the_frontier_s_lr_0_point() -> None:
+    from trace_ds.pipeline.weighting_study import matched_or_old
+
+    old = {"tpa_all": 0.40, "ppl_stable": 100.0}
+
+    def point(tpa: float, ppl: float) -> dict:
+        return {"tpa_all": tpa, "ppl_stable": ppl, "lr": 1e-4, "old": old}
+
+    assert matched_or_old([point(0.6, 109.0), point(0.9, 120.0)])["tpa_all"] == 0.6
+    assert matched_or_old([point(0.6, 109.0)])["within"] is True
+    beyond = matched_or_old([point(0.9, 120.0)])  # nothing within the budget: not realigned
+    assert (beyond["tpa_all"], beyond["lr"], beyond["at_old_model"], beyond["within"]) == (
+        0.40,
+        0.0,
+        True,
+        False,
     )
+    worse = matched_or_old([point(0.3, 105.0)])  # within the budget, below the old model
+    assert (worse["tpa_all"], worse["at_old_model"], worse["within"]) == (0.40, True, True)
+    assert matched_or_old([]) is None

@@ -342,7 +342,7 @@ def run_confirm(
     cells = confirm_cells(points, [c.name for c in combos], uniform, config.seeds, noise)
     report = {
         "seeds": list(config.seeds), "noise": list(noise), "lrs": list(lrs),
-        "utility_tolerance": UTILITY_TOLERANCE, "cells": cells, "verdict": verdict(cells, uniform, len(config.seeds)),
+        "utility_tolerance": UTILITY_TOLERANCE, "cells": cells, "verdict": verdict(cells, uniform),
         "points": points, "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     write_json(folder / "confirm.json", report)
@@ -363,6 +363,21 @@ def run_confirm(
     return report
 
 
+def matched_or_old(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One seed's point at matched utility on the frontier's upper envelope, which includes the old-policy model
+    itself (learning rate 0: within the budget by definition): the best TPA within the budget, or the old
+    model's when no trained point is within the budget or none beats it (``at_old_model``). A combination that
+    cannot realign without spending the utility budget is then scored as not realigning, not left out of
+    the mean and the pairing."""
+    if not points:
+        return None
+    old = points[0]["old"]
+    best = matched(points, old["ppl_stable"])
+    if best is not None and best["tpa_all"] >= old["tpa_all"]:
+        return {**best, "within": True}
+    return {**old, "lr": 0.0, "at_old_model": True, "within": best is not None}
+
+
 def confirm_cells(
     points: list[dict[str, Any]],
     names: list[str],
@@ -378,7 +393,7 @@ def confirm_cells(
         for combo in names:
             for seed in seeds:
                 mine = [p for p in points if (p["combo"], p["seed"], p["noise"]) == (combo, seed, level)]
-                per_combo.setdefault(combo, {})[seed] = matched(mine, mine[0]["old"]["ppl_stable"])
+                per_combo.setdefault(combo, {})[seed] = matched_or_old(mine)
         for combo in names:
             best = per_combo[combo]
             values = [b["tpa_all"] for b in best.values() if b]
@@ -387,6 +402,7 @@ def confirm_cells(
                 for seed, b in best.items()
                 if b and (u := per_combo[uniform][seed])
             ]
+            trained = [b for b in best.values() if b and not b.get("at_old_model")]
             # the matched points' other measures: what the TPA was bought with
             others = {
                 m: mean_ci([b[m] for b in best.values() if b and b.get(m) is not None])
@@ -395,7 +411,8 @@ def confirm_cells(
             chosen = [b for b in best.values() if b]
             cells.append({
                 "noise": level, "combo": combo, "tpa_all": mean_ci(values), "minus_uniform": mean_ci(paired),
-                **others, "seeds_within_budget": len(values),
+                **others, "seeds": len(values), "seeds_within_budget": sum(1 for b in best.values() if b and b["within"]),
+                "seeds_at_old_model": len(values) - len(trained),
                 "lrs_chosen": {seed: b["lr"] if b else None for seed, b in best.items()},
                 "tpa_topics": mean_by_key([b["tpa_topics"] for b in chosen]),
                 "weight_share": mean_by_key([b.get("weight_share", {}).get("inversion", {}) for b in chosen]),
@@ -403,14 +420,14 @@ def confirm_cells(
     return cells
 
 
-def verdict(cells: list[dict[str, Any]], uniform: str, seeds: int) -> dict[str, Any]:
+def verdict(cells: list[dict[str, Any]], uniform: str) -> dict[str, Any]:
     """The decision rule that picks the default weighting, applied to the confirmation's cells.
 
-    A combination is *safe* at a noise level when its paired difference to uniform weights is not below zero
-    beyond the 95% interval (mean + half-width >= 0) and it kept a point within the utility budget on every
-    seed; it *pays* there when the interval is above zero (mean - half-width > 0). The default is the safe-
-    everywhere combination with the best TPA averaged over the noise levels; uniform weights are safe by
-    construction, so they are the answer when nothing else is."""
+    A combination is *safe* at a noise level when its paired difference to uniform weights (at matched
+    utility, :func:`matched_or_old`) is not below zero beyond the 95% interval (mean + half-width >= 0); it
+    *pays* there when the interval is above zero (mean - half-width > 0). The default is the safe-everywhere
+    combination with the best TPA averaged over the noise levels; uniform weights are safe by construction,
+    so they are the answer when nothing else is."""
     levels = sorted({c["noise"] for c in cells})
     rows = []
     for name in dict.fromkeys(c["combo"] for c in cells):
@@ -418,13 +435,10 @@ def verdict(cells: list[dict[str, Any]], uniform: str, seeds: int) -> dict[str, 
         status = {}
         for level in levels:
             diff = mine[level]["minus_uniform"]
-            full = mine[level]["seeds_within_budget"] == seeds
             if name == uniform:
                 status[level] = "reference"
-            elif not full or diff["mean"] is None:
-                status[level] = "unsafe (a seed without a point within the budget)"
             elif diff["ci95"] is None:
-                status[level] = "undecided (one seed)"
+                status[level] = "undecided (fewer than two seeds paired)"
             elif diff["mean"] - diff["ci95"] > 0:
                 status[level] = "pays"
             elif diff["mean"] + diff["ci95"] < 0:
@@ -535,11 +549,13 @@ def confirm_markdown(report: dict[str, Any]) -> str:
         f"# Weighting confirmation (seeds {', '.join(map(str, report['seeds']))})",
         "",
         f"Per seed: the best TPA within the utility budget (stable-topic perplexity at most +{100 * report['utility_tolerance']:.0f}% "
-        f"over that seed's old model) over the learning rates {', '.join(f'{x:g}' for x in report['lrs'])}; then mean ± 95% "
-        f"t-interval over seeds, and minus uniform weights paired by seed. Wall time: {report['seconds'] / 60:.1f} min.",
+        f"over that seed's old model) over the learning rates {', '.join(f'{x:g}' for x in report['lrs'])} and the old "
+        "model itself (learning rate 0: a seed with no trained point within the budget, or none above the old model, "
+        "counts at the old model's TPA); then mean ± 95% t-interval over seeds, and minus uniform weights paired by "
+        f"seed. Wall time of this invocation: {report['seconds'] / 60:.1f} min.",
         "",
         "| noise | combination | TPA all (matched utility) | minus uniform | TPA shifted | TPA stable | "
-        "perplexity, stable | degenerate | seeds within budget |",
+        "perplexity, stable | degenerate | seeds with a trained point within budget / at the old model |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report["cells"]:
@@ -549,7 +565,7 @@ def confirm_markdown(report: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {c['noise']:g} | {c['combo']} | {format_interval(c['tpa_all'])} | {format_interval(c['minus_uniform'])} | "
-            f"{extra} | {c['seeds_within_budget']} |"
+            f"{extra} | {c['seeds_within_budget']} / {c.get('seeds_at_old_model', 0)} |"
         )
     topics = sorted({t for c in report["cells"] for t in c.get("tpa_topics", {})})
     if topics:
