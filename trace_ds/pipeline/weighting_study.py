@@ -589,9 +589,9 @@ def confirm_markdown(report: dict[str, Any]) -> str:
             "",
             "## Verdict (the rule in `weighting_study.verdict`)",
             "",
-            "Safe: not below uniform beyond the 95% interval, with a point within the budget on every seed; "
-            "pays: above uniform beyond the interval. Default: the safe-everywhere combination with the best "
-            "TPA averaged over the noise levels.",
+            "Safe: the paired difference to uniform weights at matched utility is not below 0 beyond its 95% "
+            "interval; pays: it is above 0 beyond the interval. Default: the safe-everywhere combination with the "
+            "best TPA averaged over the noise levels (uniform weights when no other is safe everywhere).",
             "",
             "| combination | " + " | ".join(f"noise {n}" for n in levels) + " | mean TPA over noise levels |",
             "|---|" + "---|" * (len(levels) + 1),
