@@ -106,18 +106,30 @@ def combo_config(config: StudyConfig, combo: Combo, lr: float, seed: int, noise:
     return base
 
 
-def _point(
-    config: StudyConfig, combo: Combo, lr: float, seed: int, noise: float, folder: Path, ledger: Ledger
-) -> dict[str, Any]:
-    """Run (or read from the ledger or the stage cache) one pipeline and return its point: metrics, per-topic
-    TPA, weight shares."""
+def _pipeline(config: StudyConfig, combo: Combo, lr: float, seed: int, noise: float, folder: Path) -> Any:
+    """The point's ``trace-ds run`` pipeline (its config written under ``folder/configs``), not yet run."""
     import yaml
 
     from trace_ds.pipeline.runner import Pipeline, load_config
 
     path = folder / "configs" / f"seed{seed}-noise{noise:g}-{combo.name.replace('/', '_')}-lr{lr:g}.yaml"
     write_text(path, yaml.safe_dump(combo_config(config, combo, lr, seed, noise), sort_keys=False))
-    pipeline = Pipeline(load_config(path), str(path))
+    return Pipeline(load_config(path), str(path))
+
+
+def point_key(config: StudyConfig, task: Task, folder: Path) -> str:
+    """A task's ledger key: its evaluation stage's cache key."""
+    seed, noise, combo, lr = task
+    stages = {s.name: s for s in _pipeline(config, combo, lr, seed, noise, folder).stages}
+    return str(stages["eval_trace"].key)
+
+
+def _point(
+    config: StudyConfig, combo: Combo, lr: float, seed: int, noise: float, folder: Path, ledger: Ledger
+) -> dict[str, Any]:
+    """Run (or read from the ledger or the stage cache) one pipeline and return its point: metrics, per-topic
+    TPA, weight shares."""
+    pipeline = _pipeline(config, combo, lr, seed, noise, folder)
     stages = {s.name: s for s in pipeline.stages}
     key = stages["eval_trace"].key  # covers every setting and input upstream, and the judges' versions
     if key in ledger.points:
@@ -190,38 +202,84 @@ Task = tuple[int, float, "Combo", float]  # seed, noise, combination, learning r
 
 
 def run_points(
-    config: StudyConfig, folder: Path, tasks: list[Task], label: str, jobs: int = 1, group: str = "seed"
+    config: StudyConfig, folder: Path, tasks: list[Task], label: str, jobs: int = 1, group: str = "seed-noise"
 ) -> list[dict[str, Any]]:
     """Every task's point, in order. With ``jobs`` > 1 the tasks are first shared out to that many worker
     processes (``trace-ds study --worker K/N``, one thread each), grouped so that no two workers build the
-    same stage: by seed, or by combination once the first task has built the seed's shared stages. Then every
-    point is read back here from the ledger."""
+    same stage (:func:`_owners`): by seed and noise level once the seed's first task has built its shared
+    stages, or by combination (one seed). Then every point is read back here from the ledger."""
     if jobs > 1 and config.worker is None:
         _run_workers(config, folder, tasks, label, jobs, group)
     name = f"points-{config.worker[0]}.jsonl" if config.worker else "points.jsonl"
-    ledger = Ledger(folder, name, also=tuple(f for f in (Path(config.out) / "screen",) if f != folder))
-    owners = _owners(tasks, group, config.worker[1]) if config.worker else []
+    also = tuple(f for f in (Path(config.out) / "screen",) if f != folder)
+    ledger = Ledger(folder, name, also=also)
+    order = list(range(len(tasks)))
+    firsts = _seed_firsts(tasks)
+    if config.worker:
+        owners = _owners(tasks, group, config.worker[1])
+        mine = [i for i in order if owners[i] == config.worker[0]]
+        # a seed's first task builds its data, model and old-model evaluation: run this worker's first ones
+        # first, and wait for the other workers' before using their seeds
+        order = [i for i in mine if i in firsts.values()] + [i for i in mine if i not in firsts.values()]
     points = []
-    for index, (seed, noise, combo, lr) in enumerate(tasks, start=1):
-        if config.worker and owners[index - 1] != config.worker[0]:
-            continue
+    for index in order:
+        seed, noise, combo, lr = tasks[index]
+        if config.worker and group == "seed-noise" and index != firsts[seed]:
+            _wait_for_point(point_key(config, tasks[firsts[seed]], folder), ledger, folder, also)
         console.rule(
-            f"study {label}: {index}/{len(tasks)}: {combo.name}, lr {lr:g}, seed {seed}, noise {noise:g}"
+            f"study {label}: {index + 1}/{len(tasks)}: {combo.name}, lr {lr:g}, seed {seed}, noise {noise:g}"
         )
         points.append(_point(config, combo, lr, seed, noise, folder, ledger))
     return points
 
 
+WAIT_LIMIT_S = 4 * 3600.0  # a worker waits this long for another's seed before it gives up
+WAIT_POLL_S = 10.0
+
+
+def _wait_for_point(key: str, ledger: Ledger, folder: Path, also: tuple[Path, ...]) -> None:
+    """Block until the point ``key`` is in some worker's ledger file (another worker is building its seed)."""
+    from trace_ds.io import TraceError
+
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while key not in ledger.points:
+        found = Ledger(folder, "points.jsonl", also=also).points.get(key)
+        if found is not None:
+            ledger.points[key] = found
+            return
+        if time.monotonic() > deadline:
+            raise TraceError(
+                f"study worker: waited {WAIT_LIMIT_S / 3600:.0f} h for another worker's point {key} (the seed's "
+                f"shared stages); see {folder}/worker-K.log, then rerun the same command to resume"
+            )
+        time.sleep(WAIT_POLL_S)
+
+
+def _seed_firsts(tasks: list[Task]) -> dict[int, int]:
+    """Each seed's first task (index): the one that builds the seed's shared stages."""
+    firsts: dict[int, int] = {}
+    for index, task in enumerate(tasks):
+        firsts.setdefault(task[0], index)
+    return firsts
+
+
 def _owners(tasks: list[Task], group: str, workers: int) -> list[int]:
-    """Each task's worker: its group's rank among the groups, modulo the workers (the first task belongs to
-    worker 0 and runs before the others start)."""
-    keys = list(dict.fromkeys(_group_key(t, group) for t in tasks))
-    return [0 if i == 0 else keys.index(_group_key(t, group)) % workers for i, t in enumerate(tasks)]
+    """Each task's worker: its group's rank among the groups, modulo the workers.
 
-
-def _group_key(task: Task, group: str) -> Any:
-    seed, _, combo, _ = task
-    return seed if group == "seed" else combo.name
+    * ``combo`` (the screen, one seed): the first task belongs to worker 0 and runs before the others start.
+    * ``seed-noise`` (the confirmation): each seed's first task is dealt out by seed, the rest by (seed, noise
+      level), so that 2 workers share 5 seeds x 3 levels evenly (by seed alone one of them got 3 seeds of
+      the 5); a worker runs its seeds' first tasks first and waits for another's (:func:`run_points`)."""
+    if group == "seed-noise":
+        seeds = list(_seed_firsts(tasks))
+        firsts = set(_seed_firsts(tasks).values())
+        groups = list(dict.fromkeys((t[0], t[1]) for t in tasks))
+        return [
+            seeds.index(t[0]) % workers if i in firsts else groups.index((t[0], t[1])) % workers
+            for i, t in enumerate(tasks)
+        ]
+    names = list(dict.fromkeys(t[2].name for t in tasks))
+    return [0 if i == 0 else names.index(t[2].name) % workers for i, t in enumerate(tasks)]
 
 
 def _run_workers(
@@ -335,7 +393,7 @@ def run_confirm(
     if not any(c.uniform for c in combos):
         combos = [*combos, *combos_named(["uniform/ipo"])]
     tasks = [(s, n, c, lr) for s in config.seeds for n in noise for c in combos for lr in lrs]
-    points = run_points(config, folder, tasks, "confirm", config.jobs, group="seed")
+    points = run_points(config, folder, tasks, "confirm", config.jobs, group="seed-noise")
     if config.worker:
         return {"points": points}
     uniform = next(c.name for c in combos if c.uniform)
