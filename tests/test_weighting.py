@@ -199,20 +199,20 @@ def test_confirmation_workers_share_seeds_and_noise_levels_evenly() -> None:
     """5 seeds x 3 noise levels on 2 workers: by seed alone one worker got 3 seeds of 5 (135 points against
     90). Each seed's first task (it builds the seed's data and model) is dealt out by seed; the rest by (seed,
     noise level), so that no two workers build the same triage or scoring stage."""
-    from trace_ds.pipeline.weighting_study import _owners, combos_named
+    from trace_ds.pipeline.weighting_study import combos_named, owners
 
     combos = combos_named(["paper-cosine-alg2/ipo", "uniform/ipo"])
     tasks = [
         (s, n, c, lr) for s in range(5) for n in (0.0, 0.2, 0.3) for c in combos for lr in (1e-4, 2e-4, 4e-4)
     ]
-    owners = _owners(tasks, "seed-noise", 2)
-    counts = [owners.count(k) for k in (0, 1)]
+    owner_of = owners(tasks, "seed-noise", 2)
+    counts = [owner_of.count(k) for k in (0, 1)]
     assert abs(counts[0] - counts[1]) <= 6 and sum(counts) == len(tasks)  # one (seed, level) group apart
     firsts = [next(i for i, t in enumerate(tasks) if t[0] == s) for s in range(5)]
-    assert [owners[i] for i in firsts] == [0, 1, 0, 1, 0]
+    assert [owner_of[i] for i in firsts] == [0, 1, 0, 1, 0]
     for seed in range(5):
         for level in (0.0, 0.2, 0.3):
-            group = {owners[i] for i, t in enumerate(tasks) if t[:2] == (seed, level) and i not in firsts}
+            group = {owner_of[i] for i, t in enumerate(tasks) if t[:2] == (seed, level) and i not in firsts}
             assert len(group) == 1  # one worker builds the group's triage and scorings
 
 
@@ -229,9 +229,9 @@ def test_a_worker_waits_for_the_point_another_worker_writes(
     other = study.Ledger(tmp_path, "points-1.jsonl")
     timer = threading.Timer(0.2, other.add, args=({"key": "k1", "tpa_all": 0.5},))
     timer.start()
-    study._wait_for_point("k1", mine, tmp_path, ())
+    study.wait_for_point("k1", mine, tmp_path, ())
     timer.join()
     assert mine.points["k1"]["tpa_all"] == 0.5
     monkeypatch.setattr(study, "WAIT_LIMIT_S", 0.1)
     with pytest.raises(TraceError, match="waited"):
-        study._wait_for_point("never", mine, tmp_path, ())
+        study.wait_for_point("never", mine, tmp_path, ())

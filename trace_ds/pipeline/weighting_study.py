@@ -206,7 +206,7 @@ def run_points(
 ) -> list[dict[str, Any]]:
     """Every task's point, in order. With ``jobs`` > 1 the tasks are first shared out to that many worker
     processes (``trace-ds study --worker K/N``, one thread each), grouped so that no two workers build the
-    same stage (:func:`_owners`): by seed and noise level once the seed's first task has built its shared
+    same stage (:func:`owners`): by seed and noise level once the seed's first task has built its shared
     stages, or by combination (one seed). Then every point is read back here from the ledger."""
     if jobs > 1 and config.worker is None:
         _run_workers(config, folder, tasks, label, jobs, group)
@@ -216,8 +216,8 @@ def run_points(
     order = list(range(len(tasks)))
     firsts = _seed_firsts(tasks)
     if config.worker:
-        owners = _owners(tasks, group, config.worker[1])
-        mine = [i for i in order if owners[i] == config.worker[0]]
+        owner_of = owners(tasks, group, config.worker[1])
+        mine = [i for i in order if owner_of[i] == config.worker[0]]
         # a seed's first task builds its data, model and old-model evaluation: run this worker's first ones
         # first, and wait for the other workers' before using their seeds
         order = [i for i in mine if i in firsts.values()] + [i for i in mine if i not in firsts.values()]
@@ -225,7 +225,7 @@ def run_points(
     for index in order:
         seed, noise, combo, lr = tasks[index]
         if config.worker and group == "seed-noise" and index != firsts[seed]:
-            _wait_for_point(point_key(config, tasks[firsts[seed]], folder), ledger, folder, also)
+            wait_for_point(point_key(config, tasks[firsts[seed]], folder), ledger, folder, also)
         console.rule(
             f"study {label}: {index + 1}/{len(tasks)}: {combo.name}, lr {lr:g}, seed {seed}, noise {noise:g}"
         )
@@ -237,7 +237,7 @@ WAIT_LIMIT_S = 4 * 3600.0  # a worker waits this long for another's seed before 
 WAIT_POLL_S = 10.0
 
 
-def _wait_for_point(key: str, ledger: Ledger, folder: Path, also: tuple[Path, ...]) -> None:
+def wait_for_point(key: str, ledger: Ledger, folder: Path, also: tuple[Path, ...]) -> None:
     """Block until the point ``key`` is in some worker's ledger file (another worker is building its seed)."""
     from trace_ds.io import TraceError
 
@@ -263,7 +263,7 @@ def _seed_firsts(tasks: list[Task]) -> dict[int, int]:
     return firsts
 
 
-def _owners(tasks: list[Task], group: str, workers: int) -> list[int]:
+def owners(tasks: list[Task], group: str, workers: int) -> list[int]:
     """Each task's worker: its group's rank among the groups, modulo the workers.
 
     * ``combo`` (the screen, one seed): the first task belongs to worker 0 and runs before the others start.
