@@ -222,10 +222,13 @@ def run_points(
         # first, and wait for the other workers' before using their seeds
         order = [i for i in mine if i in firsts.values()] + [i for i in mine if i not in firsts.values()]
     points = []
+    seed_keys: dict[int, str] = {}  # each seed's first point's key, built once
     for index in order:
         seed, noise, combo, lr = tasks[index]
         if config.worker and group == "seed-noise" and index != firsts[seed]:
-            wait_for_point(point_key(config, tasks[firsts[seed]], folder), ledger, folder, also)
+            if seed not in seed_keys:
+                seed_keys[seed] = point_key(config, tasks[firsts[seed]], folder)
+            wait_for_point(seed_keys[seed], ledger, folder, also)
         console.rule(
             f"study {label}: {index + 1}/{len(tasks)}: {combo.name}, lr {lr:g}, seed {seed}, noise {noise:g}"
         )
@@ -271,8 +274,8 @@ def owners(tasks: list[Task], group: str, workers: int) -> list[int]:
       level), so that 2 workers share 5 seeds x 3 levels evenly (by seed alone one of them got 3 seeds of
       the 5); a worker runs its seeds' first tasks first and waits for another's (:func:`run_points`)."""
     if group == "seed-noise":
-        seeds = list(_seed_firsts(tasks))
-        firsts = set(_seed_firsts(tasks).values())
+        first_of = _seed_firsts(tasks)
+        seeds, firsts = list(first_of), set(first_of.values())
         groups = list(dict.fromkeys((t[0], t[1]) for t in tasks))
         return [
             seeds.index(t[0]) % workers if i in firsts else groups.index((t[0], t[1])) % workers
@@ -454,23 +457,22 @@ def confirm_cells(
                 per_combo.setdefault(combo, {})[seed] = matched_or_old(mine)
         for combo in names:
             best = per_combo[combo]
-            values = [b["tpa_all"] for b in best.values() if b]
+            chosen = [b for b in best.values() if b]
             paired = [
                 b["tpa_all"] - u["tpa_all"]
                 for seed, b in best.items()
                 if b and (u := per_combo[uniform][seed])
             ]
-            trained = [b for b in best.values() if b and not b.get("at_old_model")]
             # the matched points' other measures: what the TPA was bought with
             others = {
-                m: mean_ci([b[m] for b in best.values() if b and b.get(m) is not None])
+                m: mean_ci([b[m] for b in chosen if b.get(m) is not None])
                 for m in ("tpa_shifted", "tpa_stable", "ppl_stable", "degenerate")
             }
-            chosen = [b for b in best.values() if b]
             cells.append({
-                "noise": level, "combo": combo, "tpa_all": mean_ci(values), "minus_uniform": mean_ci(paired),
-                **others, "seeds": len(values), "seeds_within_budget": sum(1 for b in best.values() if b and b["within"]),
-                "seeds_at_old_model": len(values) - len(trained),
+                "noise": level, "combo": combo, "tpa_all": mean_ci([b["tpa_all"] for b in chosen]),
+                "minus_uniform": mean_ci(paired), **others, "seeds": len(chosen),
+                "seeds_within_budget": sum(1 for b in chosen if b["within"]),
+                "seeds_at_old_model": sum(1 for b in chosen if b.get("at_old_model")),
                 "lrs_chosen": {seed: b["lr"] if b else None for seed, b in best.items()},
                 "tpa_topics": mean_by_key([b["tpa_topics"] for b in chosen]),
                 "weight_share": mean_by_key([b.get("weight_share", {}).get("inversion", {}) for b in chosen]),
