@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trace_ds.config import ScoreConfig
+from trace_ds.config import PAPER_WEIGHTING, ScoreConfig
 from trace_ds.data.tokenize import TokenizedPair
 from trace_ds.io import free_port, trace_ds_command
 from trace_ds.training.losses import npo_loss, relational_loss, sequence_logps, suppression_loss
@@ -112,6 +112,13 @@ def random_pairs(n: int, seed: int, prefix: str = "p", vocab: int = 97, low: int
         )
         for i in range(n)
     ]
+
+
+def paper_flags(probe_file: bool = False) -> list[str]:
+    """The paper's weighting as ``trace-ds score`` flags (the default is the weighting study's pick); with a
+    --probe file there is no built probe to choose a suppression source for."""
+    options = {k: v for k, v in PAPER_WEIGHTING.items() if not (probe_file and k == "probe_suppression")}
+    return [item for key, value in options.items() for item in (f"--{key.replace('_', '-')}", value)]
 
 
 def score_config(**kwargs) -> ScoreConfig:
@@ -232,4 +239,7 @@ def assert_same_raw_scores(a: list[dict], b: list[dict], rel: float = 1e-5) -> N
     scale = max(abs(x["raw_score"]) for x in a)
     assert max(abs(x["raw_score"] - y["raw_score"]) for x, y in zip(a, b, strict=True)) <= rel * scale
     if all("grad_norm" in x for x in a + b):  # in-run re-scoring writes no norms (dot scores only)
-        assert max(abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] for x, y in zip(a, b, strict=True)) <= rel
+        assert (
+            max(abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] for x, y in zip(a, b, strict=True))
+            <= rel
+        )

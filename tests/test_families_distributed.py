@@ -207,7 +207,9 @@ def test_zero3_two_ranks_score_the_families_like_one_process(
         diff = max(abs(x["raw_score"] - y["raw_score"]) for x, y in zip(a, b, strict=True))
         assert diff <= 1e-5 * scale, (name, diff / scale)
         # ghost norms under ZeRO-3 (each rank its own pairs, parameters gathered) equal one process's
-        norm_diff = max(abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] for x, y in zip(a, b, strict=True))
+        norm_diff = max(
+            abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] for x, y in zip(a, b, strict=True)
+        )
         assert norm_diff <= 1e-5, (name, norm_diff)
         assert [x["cosine"] for x in a] == pytest.approx([y["cosine"] for y in b], rel=1e-4, abs=1e-6), name
         embeddings = "tied" if tied[family] else "untied"

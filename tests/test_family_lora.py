@@ -147,7 +147,9 @@ def test_lora_scores_equal_fp64_per_pair_autograd(family: str, families: dict[st
     categories = categories_for(pairs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got, got_norms, got_g_norm = ghost_scores_and_norms(model, probe, pairs, categories, cfg, pad_id=PAD_ID)
+        got, got_norms, got_g_norm = ghost_scores_and_norms(
+            model, probe, pairs, categories, cfg, pad_id=PAD_ID
+        )
     coverage = [str(w.message) for w in caught if "took no part" in str(w.message)]
     assert not coverage, coverage  # the probe pass reaches every adapter
     with eager_experts(model):

@@ -27,7 +27,7 @@ CATEGORIES = ("retention", "inversion", "suppression")
 def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny random Llama, 36 pre-tokenized triaged pairs (12 per category) and their scores from
     ``trace-ds score``'s own code (a built probe of 9 pairs)."""
-    from trace_ds.config import ScoreConfig
+    from trace_ds.config import PAPER_WEIGHTING, ScoreConfig
     from trace_ds.models.tiny import build_tiny_llama
     from trace_ds.scoring.scorer import run_score
 
@@ -60,6 +60,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             micro_batch=8,
             kernel="torch",
             allow_empty=True,
+            **PAPER_WEIGHTING,  # the check steps the plain mean probe loss (unit probes are refused, below)
         )
     )
     return {
@@ -128,3 +129,8 @@ def test_settings_other_than_the_scoring_runs_are_refused(scored: dict[str, str]
         influence_check(**scored, lr=0.0)
     meta = json.loads(Path(scored["scores"]).with_name("scores.meta.json").read_text())
     assert meta["relational"] == "ipo" and meta["logp_reduction"] == "sum"
+    unit = Path(scored["scores"]).with_name("unit.jsonl")
+    unit.write_text(Path(scored["scores"]).read_text())
+    unit.with_name("unit.meta.json").write_text(json.dumps({**meta, "probe_normalize": "unit"}))
+    with pytest.raises(TraceError, match="--probe-normalize none"):
+        influence_check(**{**scored, "scores": str(unit)}, sample=2)

@@ -122,11 +122,17 @@ def test_installed_wheel_runs_end_to_end_outside_the_source_tree(built_wheel: Pa
 
     # the user's rehearsal model: `trace-ds build-tiny` from a text corpus (issue 20), scored and trained below
     _run(
-        [python, "-c", "from trace_ds.models.tiny import default_corpus; open('corpus.txt', 'w').write('\\n\\n'.join(default_corpus()))"],
+        [
+            python,
+            "-c",
+            "from trace_ds.models.tiny import default_corpus; open('corpus.txt', 'w').write('\\n\\n'.join(default_corpus()))",
+        ],
         work,
         env,
     )
-    _run([trace_ds, "build-tiny", "--corpus", "corpus.txt", "--out", "model", "--vocab-size", "512"], work, env)
+    _run(
+        [trace_ds, "build-tiny", "--corpus", "corpus.txt", "--out", "model", "--vocab-size", "512"], work, env
+    )
     _run(
         [trace_ds, "synth", "--out", "bench", "--pairs", "48", "--eval-prompts", "8", "--eval-pairs", "8"],
         work,

@@ -35,7 +35,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str,
                 base = ".".join([*parts, *([base] if base else [])])
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
-                found.append((submodule, "", node.lineno) if submodule in modules else (base, alias.name, node.lineno))
+                found.append(
+                    (submodule, "", node.lineno) if submodule in modules else (base, alias.name, node.lineno)
+                )
     return [(m, n, line) for m, n, line in found if m.startswith("trace_ds")]
 
 
@@ -106,8 +108,9 @@ def test_the_circle_finder_finds_a_circle() -> None:
 
 def test_no_import_circle_among_trace_ds_modules() -> None:
     circles = import_circles(_graph())
-    assert not circles, "import circles (move the shared names down to a module both sides import): " + "; ".join(
-        " <-> ".join(c) for c in circles
+    assert not circles, (
+        "import circles (move the shared names down to a module both sides import): "
+        + "; ".join(" <-> ".join(c) for c in circles)
     )
 
 
@@ -125,22 +128,6 @@ def test_no_module_imports_another_modules_private_name() -> None:
         for imported, name, line in _imports("tests." + path.stem, path, modules)
         if name.startswith("_") and not name.startswith("__")
     ]
-    assert not found, "private names imported from another module (make them public or move them):\n" + "\n".join(
-        found
+    assert not found, (
+        "private names imported from another module (make them public or move them):\n" + "\n".join(found)
     )
-
-
-def test_the_moved_documented_import_path_still_works_and_warns() -> None:
-    """docs/ showed ``from trace_ds.tiny import ...``; it moved to trace_ds.models.tiny and the old path is
-    kept for one release (docs/compatibility.md)."""
-    import subprocess
-    import sys
-
-    code = "from trace_ds.tiny import build_tiny_llama, tiny_llama_config; print(build_tiny_llama.__module__)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "trace_ds.models.tiny", result.stderr[-2000:]
-    assert "trace_ds.tiny moved to trace_ds.models.tiny" in result.stderr  # a script's own import is told
-    strict = subprocess.run(
-        [sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True, text=True, timeout=120
-    )
-    assert strict.returncode != 0 and "trace_ds.tiny moved to trace_ds.models.tiny" in strict.stderr

@@ -66,7 +66,12 @@ def test_probe_size_too_large_for_small_data_gives_the_size_to_use(tmp_path: Pat
         build_probe(_triaged({"inversion": 5, "suppression": 0, "retention": 9}), 6, seed=0)
 
 
-def test_probe_size_hint_through_the_cli(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize(("suppression", "fits"), [(None, 4), ("pool", 6), ("drop", 4)])
+def test_probe_size_hint_through_the_cli(
+    tmp_path: Path, tiny_model_dir: Path, suppression: str | None, fits: int
+) -> None:
+    """The default probe (same-prompt; these prompts have no judged response, so no suppression third) and
+    Algorithm 2's each name the largest --probe-size the file allows."""
     triaged = tmp_path / "t.jsonl"
     write_jsonl(
         triaged,
@@ -85,6 +90,9 @@ def test_probe_size_hint_through_the_cli(tmp_path: Path, tiny_model_dir: Path) -
             str(triaged),
             "--out",
             str(tmp_path / "s.jsonl"),
+            *(["--probe-suppression", suppression] if suppression else []),
         ],
     )
-    assert result.exit_code == 2 and "use --probe-size 6 (the largest this file allows)" in result.output
+    assert (
+        result.exit_code == 2 and f"use --probe-size {fits} (the largest this file allows)" in result.output
+    )

@@ -253,7 +253,11 @@ def test_a_training_stage_stopped_by_sigterm_is_not_marked_done(tmp_path: Path, 
     path = write_config(tmp_path)
     stage = next(s for s in Pipeline(load_config(path), str(path)).stages if s.name == "train_trace")
     inputs = {}
-    for name, paths in (("old_model", {"model": "m"}), ("triage", {"triaged": "t"}), ("score", {"scores": "s"})):
+    for name, paths in (
+        ("old_model", {"model": "m"}),
+        ("triage", {"triaged": "t"}),
+        ("score", {"scores": "s"}),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "paths.json").write_text(json.dumps(paths))
         inputs[name] = tmp_path / name

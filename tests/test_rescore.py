@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trace_ds.config import LoraConfig, ScoreConfig
+from trace_ds.config import PAPER_WEIGHTING, LoraConfig, ScoreConfig
 from trace_ds.data.tokenize import TokenizeConfig
 from trace_ds.scoring.scorer import run_score
 
@@ -35,6 +35,7 @@ def scored(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
             probe_size=12,
             micro_batch=8,
             tokenize=TokenizeConfig(**TOKENIZE),
+            **PAPER_WEIGHTING,  # in-run re-scoring supports the paper's weighting only
         )
     )
     return {"triaged": triaged, "scores": scores}
@@ -89,6 +90,7 @@ def test_rescoring_lora_adapters_at_step_0_equals_their_offline_scores(
             probe_size=12,
             micro_batch=8,
             tokenize=TokenizeConfig(**TOKENIZE),
+            **PAPER_WEIGHTING,  # in-run re-scoring supports the paper's weighting only
             lora=LoraConfig(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj")),
         )
     )

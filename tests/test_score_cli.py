@@ -15,7 +15,7 @@ from trace_ds.cli import main
 from trace_ds.io import TraceError, write_jsonl
 from trace_ds.scoring.scorer import Scored, normalize_weights
 
-from .helpers import kill_when_lines, triaged_benchmark
+from .helpers import kill_when_lines, paper_flags, triaged_benchmark
 from .helpers import read_lines as lines
 
 
@@ -25,7 +25,9 @@ def triaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return triaged_benchmark(root, n_pairs=48, seed=3, n_eval_prompts=8, n_eval_pairs=8)
 
 
-def score_args(model: Path, triaged: Path, out: Path, *extra: str) -> list[str]:
+def score_args(model: Path, triaged: Path, out: Path, *extra: str, paper: bool = True) -> list[str]:
+    """``trace-ds score`` on the tiny model; with the paper's weighting unless ``paper`` is False (these tests
+    check its clamp-and-normalise weights and Algorithm 2's probe; later flags in ``extra`` override it)."""
     return [
         "score",
         "--model",
@@ -45,6 +47,7 @@ def score_args(model: Path, triaged: Path, out: Path, *extra: str) -> list[str]:
         "--beta",
         "0.5",
         "--allow-empty",
+        *(paper_flags(probe_file="--probe" in extra) if paper else []),
         *extra,
     ]
 
@@ -84,6 +87,35 @@ def test_score_outputs_probe_round_trip_and_holdout(
         CliRunner().invoke(main, score_args(tiny_model_dir, triaged, held, "--probe-holdout")).exit_code == 0
     )
     check_holdout_scores(held, triaged, {p["probe_source_id"] for p in probe})
+
+
+def test_the_default_weighting_is_the_study_s_pick(
+    tiny_model_dir: Path, triaged: Path, tmp_path: Path
+) -> None:
+    """Without weighting flags: cosine scores against a unit-normalised, same-prompt probe, the lowest quarter
+    of each category (and every negative cosine) pruned, the rest uniform with mean 1 (docs/results.md)."""
+    out = tmp_path / "scores.jsonl"
+    result = CliRunner().invoke(main, score_args(tiny_model_dir, triaged, out, paper=False))
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "scores.meta.json").read_text())
+    chosen = {k: meta[k] for k in ("score_metric", "weighting", "probe_normalize", "probe_suppression")}
+    assert chosen == {
+        "score_metric": "cosine",
+        "weighting": "prune:0.25",
+        "probe_normalize": "unit",
+        "probe_suppression": "same-prompt",
+    }
+    scores = lines(out)
+    for category in ("inversion", "suppression"):  # (this untrained model may give a category no cosine > 0)
+        group = [s for s in scores if s["category"] == category]
+        kept = [s for s in group if s["weight"] > 0]
+        assert len(group) - len(kept) >= len(group) // 4  # at least the lowest quarter dropped
+        assert all(s["cosine"] >= 0 for s in kept) and {s["weight"] for s in kept} <= {
+            len(group) / max(len(kept), 1)
+        }
+        if kept:
+            assert min(s["cosine"] for s in kept) >= max(s["cosine"] for s in group if s["weight"] == 0)
+    assert any(s["weight"] > 0 for s in scores)
 
 
 def check_holdout_scores(held: Path, triaged: Path, sources: set[str]) -> list[dict]:
@@ -303,5 +335,11 @@ def test_scoring_benchmark_runs_every_arm_and_they_agree(tmp_path: Path) -> None
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert [row["arm"] for row in report["arms"]] == ["floor", "ghost", "ghost+norms", "per-pair", "reference-code"]
+    assert [row["arm"] for row in report["arms"]] == [
+        "floor",
+        "ghost",
+        "ghost+norms",
+        "per-pair",
+        "reference-code",
+    ]
     assert all(diff < 1e-5 for diff in report["max_relative_score_difference_vs_ghost"].values())

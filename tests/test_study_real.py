@@ -32,7 +32,7 @@ def test_each_seed_gets_its_workdir_and_the_combination_settings(tmp_path: Path)
     assert config["methods"] == ["trace", "naive_dpo"]
     assert config["score"] == {
         **BASE["score"], "weighting": "standardized", "score_metric": "cosine", "probe_normalize": "unit",
-        "relational": "dpo",
+        "probe_suppression": "pool", "relational": "dpo",
     }  # fmt: skip
     assert config["train"] == {**BASE["train"], "relational": "dpo"}
     assert BASE["score"] == {"probe_size": 24, "beta": 0.1, "logp_reduction": "mean"}  # not modified

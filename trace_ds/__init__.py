@@ -1,3 +1,3 @@
 """trace-ds: realign LLMs to a changed policy with TRACE (triage, impact scores, hybrid update)."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -14,6 +14,7 @@ from trace_ds.io import TraceError
 
 # where the probe's suppression third comes from (trace_ds/scoring/probe.py, docs/method.md)
 SUPPRESSION_SOURCES = ("pool", "same-prompt", "drop")
+DEFAULT_PROBE_SUPPRESSION = "same-prompt"  # a built probe's, when --probe-suppression is not given
 # the paper's impact weighting: raw dot scores, clamped at 0 and normalised, against Algorithm 2's probe. Kept
 # apart from ScoreConfig's defaults so that a changed default does not change what these names mean: partial
 # score files resume by them, and in-run re-scoring supports only them
@@ -105,6 +106,12 @@ def check_logp_reduction(reduction: str) -> None:
         )
 
 
+def default_weighting() -> dict[str, Any]:
+    """Today's defaults of the options :data:`PAPER_WEIGHTING` names (ScoreConfig's, which the CLI shares)."""
+    defaults = {key: getattr(ScoreConfig, key) for key in PAPER_WEIGHTING}
+    return {**defaults, "probe_suppression": DEFAULT_PROBE_SUPPRESSION}
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """``trace-ds score``: impact scores of conflict pairs against a policy probe."""
@@ -132,13 +139,15 @@ class ScoreConfig:
     vocab_tile: int = DEFAULT_VOCAB_TILE
     g_dtype: Literal["float32", "model"] = "float32"
     logp_reduction: Literal["sum", "mean"] = "sum"
-    # how scores become weights (trace_ds/scoring/weights.py) and how the probe is built (scoring/probe.py)
-    score_metric: Literal["dot", "cosine"] = "dot"
-    weighting: str = "paper"  # paper | standardized | prune:Q | uniform
+    # how scores become weights (trace_ds/scoring/weights.py) and how the probe is built (scoring/probe.py). The
+    # defaults are the weighting study's pick (docs/results.md, issue 21); PAPER_WEIGHTING is the paper's
+    score_metric: Literal["dot", "cosine"] = "cosine"
+    weighting: str = "prune:0.25"  # paper | standardized | prune:Q | uniform
     weight_alpha: float = 0.5
     weight_min: float = 0.1
-    probe_normalize: Literal["none", "unit"] = "none"
-    probe_suppression: Literal["pool", "same-prompt", "drop"] = "pool"
+    probe_normalize: Literal["none", "unit"] = "unit"
+    # None: DEFAULT_PROBE_SUPPRESSION for a built probe (a --probe file is used as it is)
+    probe_suppression: Literal["pool", "same-prompt", "drop"] | None = None
 
     def __post_init__(self) -> None:
         check_model_source(self.model)
@@ -146,11 +155,11 @@ class ScoreConfig:
         self.weighting_choice()  # every weighting option checked here, before anything loads
         if self.probe_normalize not in ("none", "unit"):
             raise TraceError(f"--probe-normalize {self.probe_normalize!r}: use none or unit")
-        if self.probe_suppression not in SUPPRESSION_SOURCES:
+        if self.probe_suppression is not None and self.probe_suppression not in SUPPRESSION_SOURCES:
             raise TraceError(
                 f"--probe-suppression {self.probe_suppression!r}: use {', '.join(SUPPRESSION_SOURCES)}"
             )
-        if self.probe is not None and self.probe_suppression != ScoreConfig.probe_suppression:
+        if self.probe is not None and self.probe_suppression is not None:
             raise TraceError(
                 "--probe-suppression chooses how a built probe gets its suppression pairs; a --probe file is used as "
                 "it is: drop one of the two"
@@ -177,6 +186,11 @@ class ScoreConfig:
         if self.probe is None and self.probe_size < 3:
             raise TraceError(f"--probe-size {self.probe_size}: must be at least 3 (one pair per category)")
 
+    @property
+    def suppression_source(self) -> str:
+        """Where a built probe's suppression third comes from (the option, or its default)."""
+        return self.probe_suppression or DEFAULT_PROBE_SUPPRESSION
+
     def weighting_choice(self) -> Any:
         """The :class:`trace_ds.scoring.weights.Weighting` these options ask for (validated)."""
         from trace_ds.scoring.weights import Weighting
@@ -202,12 +216,12 @@ class ScoreConfig:
             "logp_reduction",
         )
         data = {key: getattr(self, key) for key in keys}
-        for key in (
-            "probe_normalize",
-            "probe_suppression",
-        ):  # only off the paper's: older partial files resume
-            if getattr(self, key) != PAPER_WEIGHTING[key] and not (key == "probe_suppression" and self.probe):
-                data[key] = getattr(self, key)
+        probe_options = {"probe_normalize": self.probe_normalize}
+        if self.probe is None:  # a given probe file is used as it is
+            probe_options["probe_suppression"] = self.suppression_source
+        for key, value in probe_options.items():  # only off the paper's: older partial files resume
+            if value != PAPER_WEIGHTING[key]:
+                data[key] = value
         data["lora"] = asdict(self.lora) if self.lora else None
         data["tokenize"] = asdict(self.tokenize)
         return data

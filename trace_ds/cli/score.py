@@ -16,7 +16,7 @@ from trace_ds.cli.options import (
     tokenize_options,
     vocab_tile_option,
 )
-from trace_ds.config import SUPPRESSION_SOURCES, ScoreConfig
+from trace_ds.config import DEFAULT_PROBE_SUPPRESSION, SUPPRESSION_SOURCES, ScoreConfig
 from trace_ds.console import console, key_value_table
 
 
@@ -96,10 +96,10 @@ from trace_ds.console import console, key_value_table
 @click.option(
     "--probe-suppression",
     type=click.Choice(SUPPRESSION_SOURCES),
-    default=ScoreConfig.probe_suppression,
-    show_default=True,
+    default=None,
     help="The built probe's suppression third: pool (Algorithm 2: a compliant response from any prompt), "
-    "same-prompt (only a response judged compliant for that prompt), drop (none).",
+    f"same-prompt (only a response judged compliant for that prompt), drop (none). Default: "
+    f"{DEFAULT_PROBE_SUPPRESSION}; a --probe file is used as it is.",
 )
 @logp_reduction_option
 @vocab_tile_option

@@ -32,12 +32,7 @@ def as_messages(prompt: str | list[dict]) -> list[dict]:
 
 def prompt_key(prompt: Any) -> str:
     """Prompts compared across pairs and files (deduplication, the same prompt in two pairs): text (a
-    conversation as its transcript), case and spaces folded."""
-    text = (
-        prompt
-        if isinstance(prompt, str)
-        else plain_transcript(prompt)
-        if isinstance(prompt, list)
-        else str(prompt)
-    )
+    conversation as its transcript, pre-tokenized ids as their list), case and spaces folded."""
+    conversation = isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)
+    text = prompt if isinstance(prompt, str) else plain_transcript(prompt) if conversation else str(prompt)
     return " ".join(text.lower().split())

@@ -325,6 +325,11 @@ def _check_meta(scores: Path, settings: dict[str, Any]) -> None:
         raise TraceError(
             f"{scores} was scored with --lora (the adapters' gradients); the influence check steps the full model"
         )
+    if meta.get("probe_normalize", "none") != "none":
+        raise TraceError(
+            f"{scores} was scored against unit-normalised probe pairs (--probe-normalize unit), not the gradient of "
+            "the mean probe loss that the influence check steps: score with --probe-normalize none to check it"
+        )
     for key, value in settings.items():
         if key in meta and meta[key] != value:
             raise TraceError(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trace_ds.config import default_weighting
 from trace_ds.io import TraceError, read_json, write_json, write_jsonl
 from trace_ds.pipeline.config import (
     DEFAULT_RESCORE_EVERY,
@@ -115,6 +116,8 @@ def plan_stages(config: dict[str, Any]) -> list[Any]:
         "tokenize": config["tokenize"],
         "seed": config["seed"],
         "deepspeed": deepspeed_config,
+        # in the key only: a changed default must not reuse scores weighted by the old one
+        "weighting_defaults": default_weighting(),
     }
     stages.append(
         Stage("score", "distributed", score_settings, ["old_model", "triage"], _score(score_settings, config))
@@ -312,12 +315,15 @@ def _score(settings: dict[str, Any], config: dict[str, Any], data_stage: str = "
         from trace_ds.config import ScoreConfig
         from trace_ds.scoring.scorer import run_score
 
-        options = {k: v for k, v in settings.items() if k not in ("tokenize", "deepspeed")}
+        options = {
+            k: v for k, v in settings.items() if k not in ("tokenize", "deepspeed", "weighting_defaults")
+        }
         if options.get("lora") is not None:  # the config's mapping, checked by pipeline.config._check_lora
             options["lora"] = lora_config(options["lora"])
         if "score" in inputs:  # reuse the main probe (a baseline's data has no categories to build one from)
             options["probe"] = _paths(inputs["score"])["probe"][0]
             options.pop("probe_size", None)
+            options.pop("probe_suppression", None)  # how a built probe is made: this one is given
         meta = run_score(
             ScoreConfig(
                 model=_paths(inputs["old_model"])["model"],

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trace_ds.config import PAPER_WEIGHTING
 from trace_ds.console import console
 from trace_ds.io import TraceError, read_json, write_json, write_text
 
@@ -81,7 +82,7 @@ FULL = StudySize(
         "tie_word_embeddings": True,
     },
     sft={"epochs": 3, "lr": 0.003, "batch_size": 32},
-    score={"probe_size": 60, "beta": 0.1, "micro_batch": 16},
+    score={"probe_size": 60, "beta": 0.1, "micro_batch": 16, **PAPER_WEIGHTING},
     train={"lr": 0.0005, "beta": 0.1, "alpha_kl": 20.0},
     global_batch=16,  # 8 per rank on 2 ranks; --ranks 1 trains the same updates in one process
     eval={"max_new_tokens": 48, "batch_size": 32},
@@ -104,7 +105,7 @@ QUICK = StudySize(
         "tokenizer_documents": 600,
     },
     sft={"epochs": 1, "lr": 0.003, "batch_size": 32},
-    score={"probe_size": 12, "beta": 0.1, "micro_batch": 32},
+    score={"probe_size": 12, "beta": 0.1, "micro_batch": 32, **PAPER_WEIGHTING},
     train={"lr": 0.0005, "beta": 0.1, "alpha_kl": 20.0},
     global_batch=16,
     eval={"max_new_tokens": 8, "batch_size": 32},

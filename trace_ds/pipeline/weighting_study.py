@@ -37,9 +37,9 @@ CONFIRM_NOISE = (0.0, 0.2, 0.3)
 # up to the demo's 5e-4: in the first screen 1e-3 raised stable-topic perplexity 12-60% for every combination,
 # past the utility budget, and 5e-4 was past it for most; the frontier needs points on both sides of it
 LRS = (1.25e-4, 2.5e-4, 5e-4)
-PROBES = {  # name -> score overrides
-    "alg2": {},
-    "unit": {"probe_normalize": "unit"},
+PROBES = {  # name -> score overrides, every probe option explicit (a changed default must not move a combination)
+    "alg2": {"probe_normalize": "none", "probe_suppression": "pool"},
+    "unit": {"probe_normalize": "unit", "probe_suppression": "pool"},
     "unit-same-prompt": {"probe_normalize": "unit", "probe_suppression": "same-prompt"},
 }
 MAPS = ("paper", "standardized", "prune:0.25", "uniform")

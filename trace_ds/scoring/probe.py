@@ -81,8 +81,8 @@ def _probe_judged_for_its_prompt(
     for pair in by_category["retention"] + by_category["inversion"]:
         compliant.setdefault(prompt_key(pair.prompt), []).append(pair.chosen)
     eligible = [p for p in by_category["suppression"] if prompt_key(p.prompt) in compliant]
-    third = size // 3 if suppression == "same-prompt" else 0
-    n_suppression = min(third, len(eligible))
+    need, third = _judged_shares(size, len(eligible), suppression)
+    n_suppression = size - need["retention"] - need["inversion"]
     if n_suppression < third:
         import warnings
 
@@ -92,13 +92,21 @@ def _probe_judged_for_its_prompt(
             f"suppression pair(s) instead of {third}; the rest is retention and inversion",
             stacklevel=2,
         )
-    rest = size - n_suppression
-    need = {"retention": rest // 2, "inversion": rest - rest // 2}
+    have = {category: len(members) for category, members in by_category.items()}
     for name, count in need.items():
-        if len(by_category[name]) < count:
+        if have[name] < count:
+            fits = next(
+                (
+                    n
+                    for n in range(size - 1, 2, -1)
+                    if _fills(have, _judged_shares(n, len(eligible), suppression)[0])
+                ),
+                None,
+            )
+            fix = f"use --probe-size {fits} (the largest this file allows)" if fits else "lower --probe-size"
             raise TraceError(
                 f"--probe-size {size} with --probe-suppression {suppression} needs {count} {name} pairs but the "
-                f"triaged file has {len(by_category[name])}; lower --probe-size"
+                f"triaged file has {have[name]}; {fix}"
             )
     rng = random.Random(seed)
     retention = rng.sample(by_category["retention"], need["retention"])
@@ -110,6 +118,14 @@ def _probe_judged_for_its_prompt(
     return probe
 
 
+def _judged_shares(size: int, eligible: int, suppression: str) -> tuple[dict[str, int], int]:
+    """The retention and inversion pairs a same-prompt or drop probe of ``size`` needs when ``eligible``
+    suppression prompts have a response judged for them, and the suppression third it asks for."""
+    third = size // 3 if suppression == "same-prompt" else 0
+    rest = size - min(third, eligible)
+    return {"retention": rest // 2, "inversion": rest - rest // 2}, third
+
+
 def _probe_shares(size: int) -> dict[str, int]:
     """Algorithm 2's split of a probe of ``size`` pairs: a third each, the remainder to suppression."""
     third = size // 3
@@ -119,9 +135,13 @@ def _probe_shares(size: int) -> dict[str, int]:
 def largest_probe_size(available: dict[str, int]) -> int | None:
     """The largest --probe-size whose shares ``available`` pairs per category can fill (None below 3)."""
     size = sum(available.values())
-    while size >= 3 and any(available.get(c, 0) < n for c, n in _probe_shares(size).items()):
+    while size >= 3 and not _fills(available, _probe_shares(size)):
         size -= 1
     return size if size >= 3 else None
+
+
+def _fills(available: dict[str, int], need: dict[str, int]) -> bool:
+    return all(available.get(category, 0) >= count for category, count in need.items())
 
 
 def _probe_record(pair: Pair, chosen: object, rejected: object, source_id: str, prefix: str = "") -> Pair:

@@ -240,7 +240,7 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 
 def normalize_weights(scored: list[Scored], mode: str, allow_empty: bool) -> None:
     """The paper's map on raw scores: max(0, raw), then mean 1 within each conflict category (default) or sum 1
-    over all (joint). :func:`trace_ds.scoring.weights.assign_weights` with the default weighting."""
+    over all (joint). :func:`trace_ds.scoring.weights.assign_weights` with the paper's weighting (``Weighting``'s own defaults)."""
     assign_weights(scored, Weighting(normalize=mode), allow_empty)
 
 
@@ -343,7 +343,7 @@ def _run_score(config: ScoreConfig, strategy: Any) -> dict[str, Any]:
     categories = [category_of(p) for p in pairs]
     built = config.probe is None
     probe = (
-        build_probe(pairs, config.probe_size, config.seed, config.probe_suppression)
+        build_probe(pairs, config.probe_size, config.seed, config.suppression_source)
         if built
         else read_pairs(config.probe).pairs
     )
@@ -499,7 +499,7 @@ def _metadata(
         "weight_alpha": config.weight_alpha,
         "weight_min": config.weight_min,
         "probe_normalize": config.probe_normalize,
-        "probe_suppression": config.probe_suppression if built else None,
+        "probe_suppression": config.suppression_source if built else None,
         "kernel": scorer.kernel,
         "dtype": config.dtype,
         "gradient_checkpointing": config.gradient_checkpointing,

@@ -86,6 +86,7 @@ class Rescorer:
             vocab_tile=cfg.vocab_tile,
             logp_reduction=cfg.logp_reduction,
             gradient_checkpointing=cfg.gradient_checkpointing,
+            **{key: PAPER_WEIGHTING[key] for key in ("score_metric", "weighting", "probe_normalize")},
         )
         held_out = {
             str(record.get("id"))
