@@ -56,8 +56,13 @@ def test_arms_are_summarised_over_seeds_and_paired_with_uniform() -> None:
     assert weighted["minus_uniform"]["ci95"] > 0
     dpo = summary["naive_dpo"]["tpa_all"]["minus_uniform"]
     assert dpo["n"] == 2 and math.isclose(dpo["mean"], -0.25)
-    text = real_markdown({"combo": "x", "seeds": [0, 1, 2], "ranks": 2, "seconds": 60.0, "arms": summary})
+    old = {"tpa_all": 0.3, "tpa_shifted": 0.0, "tpa_stable": 0.9, "ppl_stable": 9.0, "degenerate": 0.0}
+    report = {"combo": "x", "seeds": [0, 1, 2], "ranks": 2, "seconds": 60.0, "arms": summary}
+    for point in points[:2] + points[3:5]:  # seeds 0 and 1, twice each: counted once per seed
+        point["old"] = {**old, "tpa_all": 0.3 + 0.1 * point["seed"]}
+    text = real_markdown({**report, "points": points})
     assert "| weighted | 0.600 ± " in text and "(0.100 ± " in text
+    assert "| old-policy model | 0.350 ± 0.635 | 0.000 ± 0.000 | 0.900 ± 0.000 | 9.000 ± 0.000 |" in text
 
 
 @pytest.mark.parametrize("args", [["--real", "no-such/ipo"], ["--real", "uniform/ipo", "--screen"]])

@@ -136,6 +136,12 @@ def real_markdown(report: dict[str, Any]) -> str:
         "| arm | " + " | ".join(MEASURES) + " |",
         "|---|" + "---|" * len(MEASURES),
     ]
+    old = {p["seed"]: p["old"] for p in report["points"] if p.get("old")}  # one evaluation per seed
+    if old:
+        cells = [
+            format_interval(mean_ci([o[m] for o in old.values() if o.get(m) is not None])) for m in MEASURES
+        ]
+        lines.append("| old-policy model | " + " | ".join(cells) + " |")
     for arm, entry in report["arms"].items():
         cells = [
             format_interval(entry[m]["value"])
