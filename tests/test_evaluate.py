@@ -552,3 +552,29 @@ def test_fingerprint_never_crashes_on_a_bare_machine(monkeypatch) -> None:
         assert version == (str(module.__version__) if hasattr(module, "__version__") else None), name
     assert record["packages"]["trace-ds"]
     assert fingerprint.fingerprint_id(record) == fingerprint.fingerprint_id(json.loads(json.dumps(record)))
+
+
+@pytest.mark.parametrize(
+    ("meta", "says"),
+    [
+        (None, "max(0, s) normalised"),  # a file from before the meta: the paper's map
+        ({"weighting": "paper", "score_metric": "dot"}, "max(0, s) normalised"),
+        ({"weighting": "prune:0.25", "score_metric": "cosine"}, "cosine score is among the lowest 25%"),
+        (
+            {"weighting": "uniform", "score_metric": "cosine"},
+            "No pair gets weight 0 under `--weighting uniform`",
+        ),
+    ],
+)
+def test_the_zero_weight_section_explains_the_file_s_own_weight_map(
+    tmp_path: Path, meta: dict | None, says: str
+) -> None:
+    from trace_ds.evaluate.report import zero_weight_summary
+
+    scores = tmp_path / "scores.jsonl"
+    write_jsonl(scores, [{"id": "a", "category": "inversion", "raw_score": -1.0, "weight": 0.0}])
+    if meta is not None:
+        (tmp_path / "scores.meta.json").write_text(json.dumps(meta))
+    summary = zero_weight_summary(scores)
+    assert says in summary["advice"][0] and "--probe-size" in " ".join(summary["advice"])
+    assert summary["categories"]["inversion"]["raw_score_at_most_0"] == 1

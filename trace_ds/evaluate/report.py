@@ -238,12 +238,22 @@ def target_check(evaluations: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+ZERO_WEIGHT_WHY = {  # per weight map (the scores' meta; files without it were made with the paper's)
+    "paper": "A conflict pair's weight is max(0, s) normalised, where s = <grad L_i, grad J> is its impact score "
+    "at the old model's weights and J the probe objective (docs/method.md). A pair gets weight 0 exactly when "
+    "s <= 0: a small step that lowers its loss would not lower the probe's loss, so training skips it.",
+    "prune": "A conflict pair's weight is 0 when its {metric} score is among the lowest {fraction} of its "
+    "category or below 0, and the same for every other pair, normalised (`--weighting {weighting}`; the score "
+    "s = <grad L_i, grad J> at the old model's weights, J the probe objective: docs/method.md). A pair with "
+    "s <= 0 would not lower the probe's loss with a small step that lowers its own, so training skips it.",
+    "standardized": "No pair gets weight 0 under `--weighting standardized` (every weight is at least "
+    "--weight-min); a 0 here is a category whose every score is <= 0 (`--allow-empty`).",
+    "uniform": "No pair gets weight 0 under `--weighting uniform`; a 0 here is a category whose every score is "
+    "<= 0 (`--allow-empty`).",
+}
 ZERO_WEIGHT_ADVICE = (
-    "A conflict pair's weight is max(0, s) normalised, where s = <grad L_i, grad J> is its impact score at the "
-    "old model's weights and J the probe objective (docs/method.md). A pair gets weight 0 exactly when s <= 0: "
-    "a small step that lowers its loss would not lower the probe's loss, so training skips it. That is TRACE "
-    "filtering pairs that disagree with the probe, not a failure; a large share means the probe and those "
-    "pairs pull in different directions. What can change it:",
+    "That is TRACE filtering pairs that disagree with the probe, not a failure; a large share of pairs with "
+    "s <= 0 means the probe and those pairs pull in different directions. What can change it:",
     "the probe: a larger one (`trace-ds score --probe-size N`, default 64; in the pipeline `score: {probe_size: N}`) "
     "averages grad J over more pairs; a curated one (`--probe FILE`, new-orientation pairs that show the new "
     "policy well) replaces the probe built from the triaged data, whose mistakes it inherits;",
@@ -260,7 +270,17 @@ ZERO_WEIGHT_ADVICE = (
 
 def zero_weight_summary(scores_path: str | Path) -> dict[str, Any]:
     """Per conflict category of the scores file: pairs, pairs of weight 0, their share, and how many raw
-    scores are <= 0 (the reason: the clamp max(0, s)); ``--probe-holdout`` pairs (no raw score) counted apart."""
+    scores are <= 0 (the paper's clamp max(0, s) zeroes exactly those); ``--probe-holdout`` pairs (no raw score)
+    counted apart. ``why`` says how the file's weight map (its meta) gives a pair weight 0."""
+    from trace_ds.scoring.weights import parse_map
+
+    meta_path = Path(scores_path).with_name(f"{Path(scores_path).stem}.meta.json")
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    weighting = meta.get("weighting", "paper")
+    name, fraction = parse_map(weighting)
+    why = ZERO_WEIGHT_WHY[name].format(
+        metric=meta.get("score_metric", "dot"), fraction=f"{fraction:.0%}", weighting=weighting
+    )
     rows = _lines(scores_path)
     categories: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -276,7 +296,12 @@ def zero_weight_summary(scores_path: str | Path) -> dict[str, Any]:
             entry["raw_score_at_most_0"] += raw <= 0
     for entry in categories.values():
         entry["zero_weight_share"] = entry["zero_weight"] / entry["pairs"] if entry["pairs"] else None
-    return {"scores": str(scores_path), "categories": categories, "advice": list(ZERO_WEIGHT_ADVICE)}
+    return {
+        "scores": str(scores_path),
+        "weighting": weighting,
+        "categories": categories,
+        "advice": [f"{why} {ZERO_WEIGHT_ADVICE[0]}", *ZERO_WEIGHT_ADVICE[1:]],
+    }
 
 
 # ---- Markdown ---------------------------------------------------------------------------------------
