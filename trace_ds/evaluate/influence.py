@@ -38,6 +38,7 @@ from trace_ds.data.batching import collate_pairs
 from trace_ds.data.pairs import read_pairs
 from trace_ds.data.tokenize import TokenizeConfig, TokenizedPair, tokenize_pair
 from trace_ds.io import TraceError, iter_jsonl_lenient, write_json
+from trace_ds.scoring.weights import scores_meta_path
 from trace_ds.training.losses import relational_loss
 
 # lr=None (the default) calibrates the step: no fixed eta suits every model and loss. Measured (scores of 20 pairs
@@ -317,7 +318,7 @@ def pair_gradient(
 
 def _check_meta(scores: Path, settings: dict[str, Any]) -> None:
     """Refuse settings other than the scoring run's (its meta file, when there is one)."""
-    meta_path = scores.with_name(f"{scores.stem}.meta.json")
+    meta_path = scores_meta_path(scores)
     if not meta_path.exists():
         return
     meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -272,10 +272,9 @@ def zero_weight_summary(scores_path: str | Path) -> dict[str, Any]:
     """Per conflict category of the scores file: pairs, pairs of weight 0, their share, and how many raw
     scores are <= 0 (the paper's clamp max(0, s) zeroes exactly those); ``--probe-holdout`` pairs (no raw score)
     counted apart. ``why`` says how the file's weight map (its meta) gives a pair weight 0."""
-    from trace_ds.scoring.weights import parse_map
+    from trace_ds.scoring.weights import parse_map, read_scores_meta
 
-    meta_path = Path(scores_path).with_name(f"{Path(scores_path).stem}.meta.json")
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    meta = read_scores_meta(scores_path)
     weighting = meta.get("weighting", "paper")
     name, fraction = parse_map(weighting)
     why = ZERO_WEIGHT_WHY[name].format(

@@ -9,6 +9,7 @@ seeded (the reference code drew unseeded), and the probe file can be passed back
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import replace
 
 from trace_ds.config import SUPPRESSION_SOURCES
@@ -95,14 +96,7 @@ def _probe_judged_for_its_prompt(
     have = {category: len(members) for category, members in by_category.items()}
     for name, count in need.items():
         if have[name] < count:
-            fits = next(
-                (
-                    n
-                    for n in range(size - 1, 2, -1)
-                    if _fills(have, _judged_shares(n, len(eligible), suppression)[0])
-                ),
-                None,
-            )
+            fits = largest_probe_size(have, lambda n: _judged_shares(n, len(eligible), suppression)[0])
             fix = f"use --probe-size {fits} (the largest this file allows)" if fits else "lower --probe-size"
             raise TraceError(
                 f"--probe-size {size} with --probe-suppression {suppression} needs {count} {name} pairs but the "
@@ -132,16 +126,15 @@ def _probe_shares(size: int) -> dict[str, int]:
     return {"retention": third, "inversion": third, "suppression": size - 2 * third}
 
 
-def largest_probe_size(available: dict[str, int]) -> int | None:
-    """The largest --probe-size whose shares ``available`` pairs per category can fill (None below 3)."""
+def largest_probe_size(
+    available: dict[str, int], shares: Callable[[int], dict[str, int]] = _probe_shares
+) -> int | None:
+    """The largest --probe-size whose ``shares`` (Algorithm 2's by default) ``available`` pairs per category
+    can fill (None below 3)."""
     size = sum(available.values())
-    while size >= 3 and not _fills(available, _probe_shares(size)):
+    while size >= 3 and any(available.get(c, 0) < n for c, n in shares(size).items()):
         size -= 1
     return size if size >= 3 else None
-
-
-def _fills(available: dict[str, int], need: dict[str, int]) -> bool:
-    return all(available.get(category, 0) >= count for category, count in need.items())
 
 
 def _probe_record(pair: Pair, chosen: object, rejected: object, source_id: str, prefix: str = "") -> Pair:

@@ -31,7 +31,7 @@ from trace_ds.scoring.ghost import check_coverage, ghost_mode, names_listing
 from trace_ds.scoring.ghost_ops import GhostState, ProbeGradient
 from trace_ds.scoring.norms import PairNorms
 from trace_ds.scoring.probe import build_probe, category_of, probe_source_ids
-from trace_ds.scoring.weights import CONFLICT, Scored, Weighting, assign_weights
+from trace_ds.scoring.weights import CONFLICT, Scored, Weighting, assign_weights, scores_meta_path
 from trace_ds.training.losses import conflict_losses
 from trace_ds.training.vocab_head import check_head, response_logps
 
@@ -249,7 +249,7 @@ def output_paths(out: str | Path) -> dict[str, Path]:
     stem = out.stem
     return {
         "scores": out,
-        "meta": out.with_name(f"{stem}.meta.json"),
+        "meta": scores_meta_path(out),
         "probe": out.with_name(f"{stem}.probe.jsonl"),
         "partial": out.with_name(f"{stem}.partial.jsonl"),
         "adapter": out.with_name(f"{stem}.initial_adapter"),

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from trace_ds.io import TraceError
+from trace_ds.io import TraceError, read_json
 
 CONFLICT = ("inversion", "suppression", "unlearning")  # unlearning: the w/o-triage baseline
 METRICS = ("dot", "cosine")
@@ -71,6 +72,18 @@ def parse_map(text: str) -> tuple[str, float]:
     if not 0.0 <= fraction < 1.0:
         raise TraceError(f"--weighting {text!r}: the pruned fraction must be in [0, 1)")
     return name, fraction
+
+
+def scores_meta_path(scores: str | Path) -> Path:
+    """``<scores stem>.meta.json``: how a scores file was made, every weighting choice included."""
+    path = Path(scores)
+    return path.with_name(f"{path.stem}.meta.json")
+
+
+def read_scores_meta(scores: str | Path) -> dict[str, Any]:
+    """A scores file's meta, or {} for a file without one."""
+    path = scores_meta_path(scores)
+    return read_json(path) if path.exists() else {}
 
 
 @dataclass(frozen=True)

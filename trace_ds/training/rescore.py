@@ -61,11 +61,9 @@ class Rescorer:
                 "re-scoring runs the probe pass again and needs it: rescore with `trace-ds score`"
             )
         self.normalize = meta.get("normalize", "per-category")
-        unsupported = {
-            key: meta[key]
-            for key, default in PAPER_WEIGHTING.items()
-            if key != "probe_suppression" and meta.get(key, default) != default
-        }
+        # the probe file is given, so how a built one got its suppression pairs does not enter re-scoring
+        paper = {key: value for key, value in PAPER_WEIGHTING.items() if key != "probe_suppression"}
+        unsupported = {key: meta[key] for key, default in paper.items() if meta.get(key, default) != default}
         if unsupported:
             raise TraceError(
                 f"--rescore-every re-scores with the paper's weighting (dot scores, clamp and normalise, the plain "
@@ -86,7 +84,7 @@ class Rescorer:
             vocab_tile=cfg.vocab_tile,
             logp_reduction=cfg.logp_reduction,
             gradient_checkpointing=cfg.gradient_checkpointing,
-            **{key: PAPER_WEIGHTING[key] for key in ("score_metric", "weighting", "probe_normalize")},
+            **paper,
         )
         held_out = {
             str(record.get("id"))

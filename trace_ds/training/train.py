@@ -29,6 +29,7 @@ from trace_ds.data.pairs import iter_pairs, read_pairs
 from trace_ds.data.stream import TRAINED_CONFLICT, PairStream, TrainRecord, load_weights
 from trace_ds.data.tokenize import tokenize_pair
 from trace_ds.io import TraceError, dumps, read_json, write_json, write_text
+from trace_ds.scoring.weights import read_scores_meta
 from trace_ds.training.losses import conflict_losses, reduce_logps, reduce_step_loss, sequence_logps, token_kl
 from trace_ds.training.vocab_head import check_head, response_logps
 
@@ -286,7 +287,7 @@ class Trainer:
 
         cfg, strategy = self.config, self.strategy
         self.weights = load_weights(cfg.scores)
-        meta = _scores_meta(cfg.scores)
+        meta = read_scores_meta(cfg.scores)
         self.tokenizer = load_tokenizer(cfg.model, required=False)
         random.seed(cfg.seed + strategy.rank)
         torch.manual_seed(cfg.seed + strategy.rank)
@@ -772,12 +773,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         if line.strip() and json.loads(line).get("step", 0) <= step
     ]
     write_text(path, "".join(line + "\n" for line in keep))
-
-
-def _scores_meta(scores: str) -> dict[str, Any]:
-    path = Path(scores)
-    meta_path = path.with_name(f"{path.stem}.meta.json")
-    return read_json(meta_path) if meta_path.exists() else {}
 
 
 def _load_initial_adapter(model: nn.Module, meta: dict[str, Any], scores: str) -> nn.Module:
